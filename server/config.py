@@ -1,0 +1,52 @@
+"""Engine configuration: one dataclass, checked once, passed down."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None  # HF dir or .gguf file; None = the embedded SmolLM2
+    device: str = "auto"  # "auto" = cuda when available, else cpu
+    dtype: str = "auto"  # "auto" = float32 on cpu, bfloat16 on cuda
+    kv_cache_memory: int = 256 << 20  # bytes of KV cache
+    block_size: int = 16  # tokens per KV block
+    max_num_seqs: int = 64  # running sequences per step
+    max_num_batched_tokens: int = 512  # token budget per step (prefill chunks + decodes)
+    max_queue: int = 256  # waiting requests; more get QueueFullError
+    max_model_len: int | None = None  # None = the model's max_position_embeddings
+    default_max_new_tokens: int = 256  # used when a request asks for 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            problems.append(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.dtype not in ("auto", *_DTYPES):
+            problems.append(f"dtype must be auto, {', '.join(_DTYPES)}, got {self.dtype!r}")
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            problems.append(f"block_size must be a power of two, got {self.block_size}")
+        for name in ("kv_cache_memory", "max_num_seqs", "max_num_batched_tokens", "max_queue",
+                     "default_max_new_tokens"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            problems.append(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32
+        return _DTYPES[self.dtype]
