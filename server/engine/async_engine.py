@@ -1,0 +1,162 @@
+"""The async front end: `async for out in engine.generate(request)`, stepping in a background thread.
+
+Requests and aborts cross into the engine thread through queues; outputs come back to each
+caller's asyncio queue. Closing a generate() stream early aborts its request at the next step
+boundary, which frees all of its KV blocks.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from server.config import EngineConfig
+from server.engine.engine import LLMEngine
+from server.engine.errors import EngineShutdownError, InvalidRequestError, QueueFullError
+from server.engine.request import FinishReason, GenerateRequest, RequestOutput
+
+log = logging.getLogger("tessera.engine")
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_blocks_total: int
+    kv_blocks_used: int
+    kv_usage: float  # 0..1
+    num_preemptions: int
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, max_queue: int | None = None):
+        self.engine = engine
+        self.max_queue = max_queue if max_queue is not None else engine.cfg.max_queue
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # Sequence | ("abort", id)
+        self._num_inbox = 0  # requests handed over but not yet taken by the engine thread
+        self._count_lock = threading.Lock()
+        self._streams: dict[str, asyncio.Queue] = {}
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @classmethod
+    def from_config(cls, cfg: EngineConfig) -> "AsyncEngine":
+        return cls(LLMEngine.from_config(cfg))
+
+    # -- what callers see ---------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def model_config(self):
+        return self.engine.model_config
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    def describe(self) -> dict:
+        e = self.engine
+        return {"model": e.model_config.name, "source": e.loaded.source, "device": str(e.device),
+                "dtype": str(e.dtype).removeprefix("torch."), "weight_bytes": e.weight_bytes,
+                "kv_bytes": e.runner.kv_cache_bytes, "kv_blocks": e.blocks.allocator.num_blocks,
+                "block_size": e.cfg.block_size, "max_model_len": e.max_model_len}
+
+    def stats(self) -> EngineStats:
+        s, a = self.engine.scheduler, self.engine.blocks.allocator
+        return EngineStats(num_running=len(s.running), num_waiting=len(s.waiting) + self._num_inbox,
+                           kv_blocks_total=a.num_blocks, kv_blocks_used=a.num_used,
+                           kv_usage=a.num_used / max(1, a.num_blocks), num_preemptions=s.num_preemptions)
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="tessera-engine", daemon=True)
+        self._thread.start()
+
+    async def shutdown(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:
+        if self._stopping or self._loop is None:
+            raise EngineShutdownError("the engine is shutting down" if self._stopping else "the engine is not started")
+        if self.stats().num_waiting >= self.max_queue:
+            raise QueueFullError(f"the waiting queue is full ({self.max_queue} requests): retry later")
+        seq = self.engine.make_sequence(request)
+        if seq.request_id in self._streams:
+            raise InvalidRequestError(f"request_id {seq.request_id!r} is already running")
+        stream: asyncio.Queue = asyncio.Queue()
+        self._streams[seq.request_id] = stream
+        with self._count_lock:
+            self._num_inbox += 1
+        self._inbox.put(seq)
+        self._wake.set()
+        finished = False
+        try:
+            while True:
+                out: RequestOutput = await stream.get()
+                finished = out.finished
+                yield out
+                if finished:
+                    return
+        finally:
+            self._streams.pop(seq.request_id, None)
+            if not finished:
+                self.abort(seq.request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+        self._wake.set()
+
+    # -- the engine thread ------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stopping:
+            outputs = self._drain_inbox()
+            if self.engine.has_work():
+                try:
+                    outputs += self.engine.step()
+                except Exception as exc:  # keep serving: fail the batch, free its blocks
+                    log.exception("engine step failed")
+                    outputs += self.engine.fail_all(f"internal error: {exc}")
+            else:
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+            if outputs:
+                self._loop.call_soon_threadsafe(self._dispatch, outputs)
+        outputs = self.engine.fail_all("the server is shutting down")
+        if outputs:
+            self._loop.call_soon_threadsafe(self._dispatch, outputs)
+
+    def _drain_inbox(self) -> list[RequestOutput]:
+        outputs = []
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return outputs
+            if isinstance(item, tuple):
+                out = self.engine.abort(item[1])
+                if out is not None:
+                    outputs.append(out)
+            else:
+                with self._count_lock:
+                    self._num_inbox -= 1
+                try:
+                    self.engine.add(item)
+                except ValueError as exc:
+                    outputs.append(RequestOutput(item.request_id, "", [], finish_reason=FinishReason.ERROR,
+                                                 error=str(exc)))
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is not None:
+                stream.put_nowait(out)

@@ -1,0 +1,178 @@
+"""The synchronous engine: admit requests, step the batch, stream outputs.
+
+`step()` reads top to bottom: schedule -> run the model -> sample -> append tokens and check stops.
+The async front end (async_engine.py) runs it in a background thread.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+import torch
+
+from loader.base import LoadedModel, load_base_model
+from server.config import EngineConfig
+from server.engine.block_manager import BlockManager
+from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.errors import InvalidRequestError
+from server.engine.model_runner import ModelRunner
+from server.engine.request import FinishReason, GenerateRequest, RequestOutput, RequestStats
+from server.engine.sampler import Sampler, SamplingState
+from server.engine.scheduler import Scheduler
+from server.engine.sequence import Sequence, SequenceStatus
+from server.engine.stop import StopStringMatcher
+from server.model.llama import LlamaModel
+
+log = logging.getLogger("tessera.engine")
+
+
+class LLMEngine:
+    def __init__(self, cfg: EngineConfig, loaded: LoadedModel):
+        self.cfg = cfg
+        self.loaded = loaded
+        self.model_config = loaded.config
+        self.tokenizer = loaded.tokenizer
+        self.device, self.dtype = cfg.torch_device, cfg.torch_dtype
+        mc = loaded.config
+        self.max_model_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        t0 = time.monotonic()
+        self.model = LlamaModel(mc, self.dtype, self.device)
+        self.model.load_weights(loaded.weights)
+        self.model.eval()
+        bytes_per_block = mc.num_hidden_layers * 2 * cfg.block_size * mc.num_key_value_heads * mc.head_dim \
+            * torch.empty(0, dtype=self.dtype).element_size()
+        num_blocks = cfg.kv_cache_memory // bytes_per_block
+        if num_blocks < 1:
+            raise ValueError(f"kv_cache_memory {cfg.kv_cache_memory} B is below one KV block ({bytes_per_block} B)")
+        self.runner = ModelRunner(self.model, num_blocks, cfg.block_size)
+        self.blocks = BlockManager(num_blocks, cfg.block_size)
+        self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        self.sampler = Sampler()
+        self.eos_ids = set(mc.eos_token_ids)
+        self.requests: dict[str, Sequence] = {}
+        log.info("model %s on %s/%s ready in %.1fs: %d layers, %.1f MiB weights, %d KV blocks of %d tokens "
+                 "(%.1f MiB)", mc.name, self.device, str(self.dtype).removeprefix("torch."),
+                 time.monotonic() - t0, mc.num_hidden_layers, self.weight_bytes / 2**20, num_blocks,
+                 cfg.block_size, self.runner.kv_cache_bytes / 2**20)
+
+    @classmethod
+    def from_config(cls, cfg: EngineConfig) -> "LLMEngine":
+        return cls(cfg, load_base_model(cfg.model))
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    # -- admission ---------------------------------------------------------------------------
+    def prompt_ids(self, request: GenerateRequest) -> list[int]:
+        if request.prompt_token_ids is not None:
+            bad = [t for t in request.prompt_token_ids if not 0 <= t < self.model_config.vocab_size]
+            if bad:
+                raise InvalidRequestError(f"prompt_token_ids out of range [0, {self.model_config.vocab_size}): {bad[:5]}")
+            return list(request.prompt_token_ids)
+        if request.messages is not None:
+            if not self.tokenizer.chat_template:
+                raise InvalidRequestError("this model has no chat template: send a raw prompt instead of messages")
+            text = self.tokenizer.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True)
+            return self.tokenizer(text, add_special_tokens=False).input_ids
+        return self.tokenizer(request.prompt).input_ids
+
+    def make_sequence(self, request: GenerateRequest) -> Sequence:
+        """Validate and tokenize a request (safe to call from any thread)."""
+        ids = self.prompt_ids(request)
+        if not ids:
+            raise InvalidRequestError("the prompt is empty after tokenization")
+        p = request.sampling
+        if len(ids) + p.max_new_tokens > self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt ({len(ids)} tokens) + max_new_tokens ({p.max_new_tokens}) exceeds the context of "
+                f"{self.max_model_len} tokens")
+        need = -(-(len(ids) + p.max_new_tokens) // self.cfg.block_size)
+        if need > self.blocks.allocator.num_blocks:
+            raise InvalidRequestError(
+                f"prompt + max_new_tokens needs {need} KV blocks but the cache has "
+                f"{self.blocks.allocator.num_blocks}: shorten the request or raise --kv-cache-memory")
+        seq = Sequence(request.request_id or uuid.uuid4().hex, ids, p, adapter_id=request.adapter_id or None)
+        seq.sampling_state = SamplingState.create(p, self.device)
+        seq.detokenizer = IncrementalDetokenizer(self.tokenizer, ids)
+        seq.stop_matcher = StopStringMatcher(p.stop)
+        return seq
+
+    def add(self, seq: Sequence) -> None:
+        if seq.request_id in self.requests:
+            raise InvalidRequestError(f"request_id {seq.request_id!r} is already running")
+        self.requests[seq.request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Cancel a request at once, freeing all its KV blocks. -> its final output, if it was live."""
+        seq = self.requests.get(request_id)
+        if seq is None:
+            return None
+        return self._finish(seq, FinishReason.CANCELLED, "", [])
+
+    def fail_all(self, message: str) -> list[RequestOutput]:
+        """After an internal error: end every live request with ERROR and free everything."""
+        outs = []
+        for seq in list(self.requests.values()):
+            seq.error = message
+            outs.append(self._finish(seq, FinishReason.ERROR, "", []))
+        return outs
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- the step ---------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            return []
+        seqs, logits = self.runner.execute(batch)
+        for seq, n in zip(batch.seqs, batch.num_tokens):
+            seq.num_computed += n
+        if not seqs:
+            return []
+        next_ids, logprobs = self.sampler(logits, [s.sampling_state for s in seqs], [s.token_ids for s in seqs])
+        now = time.monotonic()
+        outputs = []
+        for i, seq in enumerate(seqs):
+            token = int(next_ids[i])
+            seq.token_ids.append(token)
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            lp = [float(logprobs[i])] if (logprobs is not None and seq.params.logprobs) else None
+            outputs.append(self._after_token(seq, token, lp))
+        return outputs
+
+    def _after_token(self, seq: Sequence, token: int, logprobs: list[float] | None) -> RequestOutput:
+        p = seq.params
+        if token in self.eos_ids and not p.ignore_eos:
+            return self._finish(seq, FinishReason.EOS, seq.detokenizer.flush(), [token], logprobs, flush=True)
+        if token in p.stop_token_ids:
+            return self._finish(seq, FinishReason.STOP, seq.detokenizer.flush(), [token], logprobs, flush=True)
+        text, stopped = seq.stop_matcher.feed(seq.detokenizer.step([token]))
+        if stopped:
+            return self._finish(seq, FinishReason.STOP, text, [token], logprobs)
+        if seq.num_generated >= p.max_new_tokens or len(seq.token_ids) >= self.max_model_len:
+            text += seq.stop_matcher.feed(seq.detokenizer.flush())[0]
+            return self._finish(seq, FinishReason.LENGTH, text, [token], logprobs, flush=True)
+        return RequestOutput(seq.request_id, text, [token], logprobs)
+
+    def _finish(self, seq: Sequence, reason: FinishReason, text: str, token_ids: list[int],
+                logprobs: list[float] | None = None, flush: bool = False) -> RequestOutput:
+        if flush and reason is not FinishReason.LENGTH:
+            text, _ = seq.stop_matcher.feed(text)
+        if flush:
+            text += seq.stop_matcher.flush()
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        self.scheduler.remove(seq)
+        self.requests.pop(seq.request_id, None)
+        now = time.monotonic()
+        stats = RequestStats(
+            prompt_tokens=seq.num_prompt_tokens, generated_tokens=seq.num_generated,
+            queue_time_s=(seq.first_scheduled_time or now) - seq.arrival_time,
+            time_to_first_token_s=(seq.first_token_time or now) - seq.arrival_time,
+            e2e_latency_s=now - seq.arrival_time)
+        return RequestOutput(seq.request_id, text, token_ids, logprobs, reason, seq.error, stats)

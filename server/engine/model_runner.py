@@ -1,0 +1,80 @@
+"""Turns a scheduled batch into model inputs, runs the forward pass, returns the sampling logits."""
+from __future__ import annotations
+
+import torch
+
+from server.engine.scheduler import ScheduledBatch
+from server.engine.sequence import Sequence
+from server.model.attention import AttentionMetadata, PrefillChunk
+from server.model.llama import LlamaModel
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaModel, num_blocks: int, block_size: int):
+        cfg = model.config
+        self.model = model
+        self.block_size = block_size
+        self.device = model.device
+        # [layers, K/V, slots, KVH, D]
+        self.kv_cache = torch.zeros(cfg.num_hidden_layers, 2, num_blocks * block_size, cfg.num_key_value_heads,
+                                    cfg.head_dim, dtype=model.dtype, device=model.device)
+        model.bind_kv_cache(self.kv_cache, block_size)
+        self._block_offsets = torch.arange(block_size)
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return self.kv_cache.numel() * self.kv_cache.element_size()
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor]:
+        """Run one step. -> (sequences that sample a token now, their logits [N, vocab] fp32)."""
+        input_ids, positions, attn, sample_rows, samplers = self._prepare(batch)
+        hidden = self.model(input_ids, positions, attn)
+        if not samplers:
+            return [], hidden.new_empty(0, self.model.config.vocab_size, dtype=torch.float32)
+        return samplers, self.model.logits(hidden[sample_rows])
+
+    def _prepare(self, batch: ScheduledBatch):
+        bs = self.block_size
+        ids: list[int] = []
+        pos: list[int] = []
+        slot_parts: list[torch.Tensor] = []
+        sample_rows: list[int] = []
+        samplers: list[Sequence] = []
+        prefills: list[PrefillChunk] = []
+        nd = batch.num_decodes
+        dec_tables: list[list[int]] = []
+        dec_lens: list[int] = []
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_tokens)):
+            start, cached = len(ids), seq.num_cached_tokens
+            ids.extend(seq.token_ids[seq.num_computed:seq.num_computed + n])
+            first_pos = seq.position_offset + seq.num_computed
+            pos.extend(range(first_pos, first_pos + n))
+            table = torch.tensor(seq.block_table, dtype=torch.int64)
+            ctx_slots = (table[:, None] * bs + self._block_offsets).flatten()[:cached + n]  # [ctx]
+            slot_parts.append(ctx_slots[cached:])
+            if i < nd:
+                dec_tables.append(seq.block_table)
+                dec_lens.append(cached + 1)
+            else:
+                mask = None
+                if cached:
+                    # query i (absolute index cached + i) sees keys 0 .. cached + i
+                    mask = (torch.arange(cached + n)[None, :] <= (cached + torch.arange(n))[:, None])
+                    mask = mask.to(self.device)
+                prefills.append(PrefillChunk(start, n, cached + n, ctx_slots.to(self.device), mask))
+            if seq.num_computed + n == len(seq.token_ids):
+                sample_rows.append(start + n - 1)
+                samplers.append(seq)
+        dec_bt = dec_mask = None
+        if nd:
+            width = max(len(t) for t in dec_tables)
+            dec_bt = torch.tensor([t + [0] * (width - len(t)) for t in dec_tables], dtype=torch.int64)
+            lens = torch.tensor(dec_lens)
+            dec_mask = (torch.arange(width * bs)[None, :] < lens[:, None])[:, None, None, :]
+            dec_bt, dec_mask = dec_bt.to(self.device), dec_mask.to(self.device)
+        attn = AttentionMetadata(slot_mapping=torch.cat(slot_parts).to(self.device), num_decodes=nd,
+                                 decode_block_tables=dec_bt, decode_mask=dec_mask, prefills=prefills)
+        input_ids = torch.tensor(ids, dtype=torch.int64, device=self.device)
+        positions = torch.tensor(pos, dtype=torch.int64, device=self.device)
+        return input_ids, positions, attn, torch.tensor(sample_rows, device=self.device), samplers

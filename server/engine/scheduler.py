@@ -1,0 +1,122 @@
+"""Continuous batching: which sequences run this step, and how many tokens each.
+
+Every step has a token budget. Running sequences that decode (one token) go first, then running
+sequences still prefilling (in chunks), then waiting ones in arrival order. When KV blocks run
+out, the youngest running sequence is preempted: its blocks are freed and it is recomputed later.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from server.engine.block_manager import BlockManager
+from server.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledBatch:
+    seqs: list[Sequence] = field(default_factory=list)  # single-token steps first, then prefill chunks
+    num_tokens: list[int] = field(default_factory=list)  # tokens each sequence runs this step
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_decodes(self) -> int:
+        n = 0
+        while n < len(self.num_tokens) and self.num_tokens[n] == 1:
+            n += 1
+        return n
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.num_tokens)
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.blocks = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # oldest first
+        self.num_preemptions = 0
+        # Keep a few blocks back when admitting new work so running sequences can grow.
+        self._watermark = max(1, block_manager.allocator.num_blocks // 100)
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def remove(self, seq: Sequence) -> None:
+        """Drop a finished or aborted sequence and free all its blocks at once."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.free(seq)
+
+    def schedule(self) -> ScheduledBatch:
+        budget = self.max_num_batched_tokens
+        picked: list[tuple[Sequence, int]] = []
+        preempted: list[Sequence] = []
+
+        # Running sequences: decodes before prefill chunks, oldest first within each.
+        ordered = sorted(self.running, key=lambda s: s.num_uncomputed != 1)
+        for seq in ordered:
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            n = min(seq.num_uncomputed, budget)
+            if n == 0:
+                break
+            if not self._reserve(seq, n, preempted):
+                continue  # seq itself was preempted
+            budget -= n
+            picked.append((seq, n))
+
+        # Waiting sequences in arrival order (preempted ones were put back in front).
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
+            seq = self.waiting[0]
+            n = min(seq.num_uncomputed, budget)
+            need = self.blocks.blocks_needed(seq, n)
+            if not self.blocks.can_allocate(need + self._watermark):
+                break
+            self.waiting.popleft()
+            self.blocks.grow(seq, n)
+            seq.status = SequenceStatus.RUNNING
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = time.monotonic()
+            self.running.append(seq)
+            budget -= n
+            picked.append((seq, n))
+
+        batch = ScheduledBatch(preempted=preempted)
+        # A sequence preempted after it was picked (to make room for an older one) sits out.
+        picked = [(s, n) for s, n in picked if s.status is SequenceStatus.RUNNING]
+        for seq, n in sorted(picked, key=lambda p: p[1] != 1):  # stable: decodes first
+            batch.seqs.append(seq)
+            batch.num_tokens.append(n)
+        return batch
+
+    def _reserve(self, seq: Sequence, n: int, preempted: list[Sequence]) -> bool:
+        """Grow seq's table for n tokens, preempting the youngest running sequences if needed."""
+        need = self.blocks.blocks_needed(seq, n)
+        while not self.blocks.can_allocate(need):
+            victim = self.running[-1]
+            self._preempt(victim)
+            preempted.append(victim)
+            if victim is seq:
+                return False
+        self.blocks.grow(seq, n)
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.free(seq)
+        seq.reset_for_recompute()
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1

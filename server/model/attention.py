@@ -1,0 +1,64 @@
+"""Attention over the paged KV cache (plain torch; the CUDA kernels issue may swap in a kernel).
+
+The step's tokens are laid out as [decode tokens (one per sequence) | prefill chunk 0 | chunk 1 ...].
+New keys/values are written into their cache slots first, then each query attends to its
+sequence's whole context read back through the block table.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillChunk:
+    start: int  # offset of the chunk's first token in the step's token list
+    length: int  # tokens in this chunk
+    context_len: int  # tokens of the sequence in the cache after this chunk (cached prefix + chunk)
+    slots: torch.Tensor  # [context_len] int64 cache slots of the whole context, in order
+    mask: torch.Tensor | None  # [length, context_len] bool (True = attend); None = plain causal
+
+
+@dataclass
+class AttentionMetadata:
+    """Built once per step by the model runner, read by every layer."""
+
+    slot_mapping: torch.Tensor  # [T] int64: cache slot where each new token's K/V goes
+    num_decodes: int  # the first num_decodes tokens are single-token steps of distinct sequences
+    decode_block_tables: torch.Tensor | None  # [B, max_blocks] int64 (padded with block 0)
+    decode_mask: torch.Tensor | None  # [B, 1, 1, max_blocks * block_size] bool (True = attend)
+    prefills: list[PrefillChunk]
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    # caches: [num_blocks * block_size, KVH, D]; k, v: [T, KVH, D]
+    k_cache.index_copy_(0, slot_mapping, k)
+    v_cache.index_copy_(0, slot_mapping, v)
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    meta: AttentionMetadata, block_size: int, scale: float) -> torch.Tensor:
+    """q: [T, H, D] -> out [T, H, D]; the caches already hold this step's keys and values."""
+    out = torch.empty_like(q)
+    num_kv_heads = k_cache.shape[1]
+    nd = meta.num_decodes
+    if nd:
+        # K/V: [B, max_blocks, block_size, KVH, D] -> [B, KVH, L, D]
+        kb = k_cache.view(-1, block_size, *k_cache.shape[1:])[meta.decode_block_tables]
+        vb = v_cache.view(-1, block_size, *v_cache.shape[1:])[meta.decode_block_tables]
+        kb = kb.flatten(1, 2).transpose(1, 2)
+        vb = vb.flatten(1, 2).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q[:nd].unsqueeze(2), kb, vb, attn_mask=meta.decode_mask,
+                                           scale=scale, enable_gqa=num_kv_heads != q.shape[1])
+        out[:nd] = o.squeeze(2)
+    for c in meta.prefills:
+        qc = q[c.start:c.start + c.length].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
+        kc = k_cache[c.slots].transpose(0, 1).unsqueeze(0)  # [1, KVH, ctx, D]
+        vc = v_cache[c.slots].transpose(0, 1).unsqueeze(0)
+        o = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=c.mask, is_causal=c.mask is None,
+                                           scale=scale, enable_gqa=num_kv_heads != q.shape[1])
+        out[c.start:c.start + c.length] = o[0].transpose(0, 1)
+    return out

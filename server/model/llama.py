@@ -1,0 +1,166 @@
+"""One Llama-family model (Llama 2/3, Mistral, Qwen2, SmolLM) for serving, adapters and training.
+
+Tokens of all sequences in a step are flattened into one list: x is [T, hidden]. Attention reads
+and writes the paged KV cache through `AttentionMetadata`; every projection is a `Linear` seam.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from loader.config import ModelConfig
+from server.model.attention import AttentionMetadata, paged_attention, write_kv
+from server.model.layers import RMSNorm, RotaryEmbedding, silu_and_mul
+from server.model.linear import AdapterApplier, Linear
+from server.model.rope import rope_parameters
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        self.scale = self.head_dim ** -0.5
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.qkv_proj = Linear(cfg.hidden_size, {"q_proj": q, "k_proj": kv, "v_proj": kv}, cfg.attention_bias,
+                               layer_idx=layer_idx, dtype=dtype, device=device)
+        self.o_proj = Linear(q, {"o_proj": cfg.hidden_size}, False, layer_idx=layer_idx, dtype=dtype, device=device)
+        self.k_cache: torch.Tensor | None = None  # [slots, KVH, D], bound by bind_kv_cache
+        self.v_cache: torch.Tensor | None = None
+        self.block_size = 0
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
+                attn: AttentionMetadata, adapters: AdapterApplier | None) -> torch.Tensor:
+        t = x.shape[0]
+        qkv = self.qkv_proj(x, adapters)
+        q, k, v = qkv.split([self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
+                             self.num_kv_heads * self.head_dim], dim=-1)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        q, k = rope(positions, q, k)
+        write_kv(self.k_cache, self.v_cache, k, v, attn.slot_mapping)
+        o = paged_attention(q, self.k_cache, self.v_cache, attn, self.block_size, self.scale)
+        return self.o_proj(o.reshape(t, -1), adapters)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        i = cfg.intermediate_size
+        self.gate_up_proj = Linear(cfg.hidden_size, {"gate_proj": i, "up_proj": i}, cfg.mlp_bias,
+                                   layer_idx=layer_idx, dtype=dtype, device=device)
+        self.down_proj = Linear(i, {"down_proj": cfg.hidden_size}, cfg.mlp_bias,
+                                layer_idx=layer_idx, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor, adapters: AdapterApplier | None) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x, adapters)), adapters)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.self_attn = Attention(cfg, layer_idx, dtype, device)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.mlp = MLP(cfg, layer_idx, dtype, device)
+
+    def forward(self, x, positions, rope, attn, adapters):
+        x = x + self.self_attn(self.input_layernorm(x), positions, rope, attn, adapters)
+        return x + self.mlp(self.post_attention_layernorm(x), adapters)
+
+
+class LlamaModel(nn.Module):
+    """forward(input_ids [T], positions [T], attn) -> hidden [T, hidden]; logits(hidden) -> [N, vocab]."""
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.config = cfg
+        self.dtype = dtype
+        self.device = device
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, dtype, device) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.lm_head = (None if cfg.tie_word_embeddings else
+                        nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, device=device))
+        if self.lm_head is not None:
+            self.lm_head.weight.requires_grad_(False)
+        inv_freq, scaling = rope_parameters(cfg)
+        self.rope = RotaryEmbedding(inv_freq, scaling, cfg.max_position_embeddings, device)
+
+    def bind_kv_cache(self, kv_cache: torch.Tensor, block_size: int) -> None:
+        """kv_cache: [layers, 2, num_blocks * block_size, KVH, D], allocated by the engine."""
+        for i, layer in enumerate(self.layers):
+            layer.self_attn.k_cache = kv_cache[i, 0]
+            layer.self_attn.v_cache = kv_cache[i, 1]
+            layer.self_attn.block_size = block_size
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata,
+                adapters: AdapterApplier | None = None, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        for layer in self.layers:
+            x = layer(x, positions, self.rope, attn, adapters)
+        return self.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [N, hidden] (only the rows that sample) -> [N, vocab] in fp32."""
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return torch.nn.functional.linear(hidden, weight).float()
+
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Copy Hugging Face-named tensors into the fused layout; every parameter must be covered."""
+        loaded: set[str] = set()
+        with torch.no_grad():
+            for name, tensor in weights.items():
+                target = self._load_one(name, tensor)
+                loaded.add(target)
+        missing = [n for n, _ in self.named_parameters() if n not in loaded and not _covered(n, loaded)]
+        if missing:
+            raise ValueError(f"checkpoint lacks weights for: {', '.join(missing[:8])}"
+                             + (" ..." if len(missing) > 8 else ""))
+
+    def _load_one(self, name: str, tensor: torch.Tensor) -> str:
+        parts = name.split(".")
+        if name == "lm_head.weight":
+            if self.lm_head is None:
+                return "lm_head.weight"  # tied: the checkpoint repeats the embedding
+            self.lm_head.weight.copy_(tensor)
+            return name
+        if parts[0] != "model":
+            raise ValueError(f"unexpected weight {name!r}")
+        if name in ("model.embed_tokens.weight", "model.norm.weight"):
+            self.get_parameter(name[len("model."):]).copy_(tensor)
+            return name[len("model."):]
+        if parts[1] != "layers" or len(parts) < 5:
+            raise ValueError(f"unexpected weight {name!r}")
+        layer = self.layers[int(parts[2])]
+        module, leaf = parts[3], parts[-1]
+        if module in ("input_layernorm", "post_attention_layernorm"):
+            getattr(layer, module).weight.copy_(tensor)
+            return f"layers.{parts[2]}.{module}.weight"
+        proj = parts[4]
+        fused = {"q_proj": layer.self_attn.qkv_proj, "k_proj": layer.self_attn.qkv_proj,
+                 "v_proj": layer.self_attn.qkv_proj, "o_proj": layer.self_attn.o_proj,
+                 "gate_proj": layer.mlp.gate_up_proj, "up_proj": layer.mlp.gate_up_proj,
+                 "down_proj": layer.mlp.down_proj}.get(proj)
+        if fused is None:
+            raise ValueError(f"unexpected weight {name!r}")
+        if leaf == "weight":
+            fused.load_slice(proj, tensor)
+        else:
+            start, end = fused.slice_offsets[proj]
+            fused.bias[start:end].copy_(tensor)
+        return f"{name}"
+
+
+def _covered(param_name: str, loaded: set[str]) -> bool:
+    """A fused parameter is covered when all the HF tensors of its slices were loaded."""
+    parts = param_name.split(".")  # layers.i.self_attn.qkv_proj.weight
+    if len(parts) != 5:
+        return False
+    i, sub, fused, leaf = parts[1], parts[2], parts[3], parts[4]
+    slices = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "o_proj": ("o_proj",),
+              "gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}[fused]
+    return all(f"model.layers.{i}.{sub}.{s}.{leaf}" in loaded for s in slices)
