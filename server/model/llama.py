@@ -10,7 +10,7 @@ from torch import nn
 
 from loader.config import ModelConfig
 from server.model.attention import AttentionMetadata, paged_attention, write_kv
-from server.model.layers import RMSNorm, RotaryEmbedding, silu_and_mul
+from server.model.layers import RMSNorm, RotaryEmbedding, apply_rotary, silu_and_mul
 from server.model.linear import AdapterApplier, Linear
 from server.model.rope import rope_parameters
 
@@ -30,8 +30,8 @@ class Attention(nn.Module):
         self.v_cache: torch.Tensor | None = None
         self.block_size = 0
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
-                attn: AttentionMetadata, adapters: AdapterApplier | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attn: AttentionMetadata,
+                adapters: AdapterApplier | None) -> torch.Tensor:
         t = x.shape[0]
         qkv = self.qkv_proj(x, adapters)
         q, k, v = qkv.split([self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
@@ -39,7 +39,7 @@ class Attention(nn.Module):
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        q, k = rope(positions, q, k)
+        q, k = apply_rotary(q, k, *rope)
         write_kv(self.k_cache, self.v_cache, k, v, attn.slot_mapping)
         o = paged_attention(q, self.k_cache, self.v_cache, attn, self.block_size, self.scale)
         return self.o_proj(o.reshape(t, -1), adapters)
@@ -66,8 +66,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.mlp = MLP(cfg, layer_idx, dtype, device)
 
-    def forward(self, x, positions, rope, attn, adapters):
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope, attn, adapters)
+    def forward(self, x, rope, attn, adapters):
+        x = x + self.self_attn(self.input_layernorm(x), rope, attn, adapters)
         return x + self.mlp(self.post_attention_layernorm(x), adapters)
 
 
@@ -100,8 +100,9 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata,
                 adapters: AdapterApplier | None = None, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        rope = self.rope(positions, x.dtype)
         for layer in self.layers:
-            x = layer(x, positions, self.rope, attn, adapters)
+            x = layer(x, rope, attn, adapters)
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
