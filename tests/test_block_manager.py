@@ -1,0 +1,84 @@
+"""KV block allocator and scheduler bookkeeping: sharing, freeing, preemption order."""
+from __future__ import annotations
+
+import pytest
+
+from server.engine.block_manager import BlockManager, NoFreeBlocksError
+from server.engine.request import SamplingParams
+from server.engine.scheduler import Scheduler
+from server.engine.sequence import Sequence, SequenceStatus
+
+
+def _seq(name: str, n: int) -> Sequence:
+    return Sequence(name, list(range(1, n + 1)), SamplingParams(max_new_tokens=8))
+
+
+def test_shared_blocks_are_freed_by_the_last_user():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    owner = _seq("prefix", 8)
+    bm.grow(owner, 8)
+    assert owner.block_table == [0, 1] and bm.allocator.num_used == 2
+    a, b = _seq("a", 3), _seq("b", 5)
+    for s in (a, b):
+        bm.share(s, owner.block_table)
+        s.prefix_len = 8
+        bm.grow(s, len(s.token_ids))
+    assert a.block_table[:2] == b.block_table[:2] == [0, 1]
+    assert len(a.block_table) == 3 and len(b.block_table) == 4
+    assert bm.allocator.ref_counts[0] == 3
+    bm.free(owner)
+    bm.free(a)
+    assert bm.allocator.ref_counts[0] == 1 and bm.allocator.num_used == 4
+    bm.free(b)
+    assert bm.allocator.num_used == 0 and bm.allocator.num_free == 8
+    with pytest.raises(ValueError, match="freed twice"):
+        bm.allocator.decref(0)
+
+
+def test_allocator_exhaustion_raises():
+    bm = BlockManager(num_blocks=1, block_size=4)
+    bm.allocator.allocate()
+    with pytest.raises(NoFreeBlocksError):
+        bm.allocator.allocate()
+
+
+def test_budget_decodes_first_and_chunked_prefill():
+    bm = BlockManager(num_blocks=100, block_size=4)
+    sch = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=10)
+    long, short = _seq("long", 25), _seq("short", 3)
+    sch.add(long)
+    sch.add(short)
+    b = sch.schedule()
+    assert [s.request_id for s in b.seqs] == ["long"] and b.num_tokens == [10]
+    long.num_computed += 10
+    b = sch.schedule()  # long continues its prefill, short is admitted with what is left of the budget
+    assert [(s.request_id, n) for s, n in zip(b.seqs, b.num_tokens)] == [("long", 10)]
+    long.num_computed += 10
+    b = sch.schedule()
+    assert [(s.request_id, n) for s, n in zip(b.seqs, b.num_tokens)] == [("long", 5), ("short", 3)]
+    long.num_computed += 5
+    short.num_computed += 3
+    long.token_ids.append(7)
+    short.token_ids.append(7)
+    b = sch.schedule()
+    assert b.num_tokens == [1, 1] and b.num_decodes == 2
+
+
+def test_preemption_takes_the_youngest_and_requeues_it_first():
+    bm = BlockManager(num_blocks=4, block_size=4)
+    sch = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=64)
+    sch._watermark = 0
+    old, young = _seq("old", 8), _seq("young", 8)
+    sch.add(old)
+    sch.add(young)
+    b = sch.schedule()
+    assert [s.request_id for s in b.seqs] == ["old", "young"] and bm.allocator.num_free == 0
+    for s in (old, young):
+        s.num_computed = 8
+        s.token_ids.append(9)
+    b = sch.schedule()  # old needs a 3rd block: young is preempted
+    assert [s.request_id for s in b.seqs] == ["old"] and b.preempted == [young]
+    assert young.status is SequenceStatus.WAITING and young.num_computed == 0 and young.block_table == []
+    assert sch.waiting[0] is young and sch.num_preemptions == 1
+    sch.remove(old)
+    assert bm.allocator.num_used == 0
