@@ -46,11 +46,13 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     num_kv_heads = k_cache.shape[1]
     nd = meta.num_decodes
     if nd:
-        # K/V: [B, max_blocks, block_size, KVH, D] -> [B, KVH, L, D]
-        kb = k_cache.view(-1, block_size, *k_cache.shape[1:])[meta.decode_block_tables]
-        vb = v_cache.view(-1, block_size, *v_cache.shape[1:])[meta.decode_block_tables]
-        kb = kb.flatten(1, 2).transpose(1, 2)
-        vb = vb.flatten(1, 2).transpose(1, 2)
+        # gather whole blocks: [B * max_blocks, block_size, KVH, D] -> [B, KVH, L, D]
+        b, width = meta.decode_block_tables.shape
+        flat = meta.decode_block_tables.flatten()
+        kb = k_cache.view(-1, block_size, *k_cache.shape[1:]).index_select(0, flat)
+        vb = v_cache.view(-1, block_size, *v_cache.shape[1:]).index_select(0, flat)
+        kb = kb.view(b, width * block_size, *k_cache.shape[1:]).transpose(1, 2)
+        vb = vb.view(b, width * block_size, *v_cache.shape[1:]).transpose(1, 2)
         o = F.scaled_dot_product_attention(q[:nd].unsqueeze(2), kb, vb, attn_mask=meta.decode_mask,
                                            scale=scale, enable_gqa=num_kv_heads != q.shape[1])
         out[:nd] = o.squeeze(2)
