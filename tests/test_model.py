@@ -29,7 +29,10 @@ CONFIGS = {
 }
 
 
-def _models(name: str):
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _models(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
     torch.manual_seed(0)
     hf_cfg = AutoConfig.for_model(**CONFIGS[name])
     hf = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32).eval()
@@ -38,14 +41,17 @@ def _models(name: str):
             if n.endswith("bias"):
                 p.normal_(0, 0.5)
     cfg = ModelConfig.from_hf_dict(hf_cfg.to_dict(), name=name)
-    ours = LlamaModel(cfg, torch.float32, torch.device("cpu"))
+    ours = LlamaModel(cfg, dtype, torch.device(device))
     ours.load_weights(dict(hf.state_dict()))
     return hf, ours
 
 
+@pytest.mark.parametrize("device,dtype,tol", [("cpu", torch.float32, 1e-4),
+                                              pytest.param("cuda", torch.float32, 1e-4, marks=CUDA),
+                                              pytest.param("cuda", torch.bfloat16, 6e-2, marks=CUDA)])
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_logits_match_transformers_across_chunked_steps(name):
-    hf, ours = _models(name)
+def test_logits_match_transformers_across_chunked_steps(name, device, dtype, tol):
+    hf, ours = _models(name, device, dtype)
     cfg = ours.config
     if cfg.architecture == "qwen2":
         assert ours.layers[0].self_attn.qkv_proj.bias is not None
@@ -76,9 +82,9 @@ def test_logits_match_transformers_across_chunked_steps(name):
     for i, p in enumerate(prompts):
         with torch.no_grad():
             ref = hf(torch.tensor([p])).logits[0].float()
-        mine = torch.cat(got[i])
+        mine = torch.cat(got[i]).cpu()
         assert mine.shape == ref.shape
-        torch.testing.assert_close(mine, ref, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(mine, ref, atol=tol, rtol=tol)
 
 
 def test_load_weights_reports_missing_tensor():
