@@ -1,0 +1,61 @@
+"""load_base_model: a Hugging Face directory, a GGUF file or the embedded default -> one LoadedModel."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from loader.config import ModelConfig
+from loader.embedded import default_model_path
+from loader.errors import ModelLoadError
+from loader.gguf_file import load_gguf
+from loader.hf_dir import load_hf_dir
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+__all__ = ["LoadedModel", "ModelLoadError", "default_model_path", "load_base_model"]
+
+log = logging.getLogger("tessera.loader")
+
+
+@dataclass
+class LoadedModel:
+    config: ModelConfig
+    weights: dict[str, torch.Tensor]  # HF names; Linear weights (out, in); no lm_head.weight when tied
+    tokenizer: "PreTrainedTokenizerBase"
+    chat_template: str | None
+    source: str  # the directory or .gguf file
+
+
+def load_base_model(path: str | None = None, dtype: torch.dtype | None = None) -> LoadedModel:
+    """None -> the embedded SmolLM2; a directory -> Hugging Face safetensors; a *.gguf file -> GGUF.
+
+    dtype None keeps the checkpoint dtype (fp32 for GGUF, which is dequantized); otherwise floating tensors
+    are converted. config.dtype stays the checkpoint's.
+    """
+    source = Path(default_model_path() if path is None else path).expanduser()
+    t0 = time.monotonic()
+    if source.is_dir():
+        log.info("loading the Hugging Face model directory %s", source)
+        cfg, weights, tokenizer = load_hf_dir(source)
+    elif source.is_file() and source.suffix.lower() == ".gguf":
+        log.info("loading the GGUF file %s (%.1f MiB)", source, source.stat().st_size / 2**20)
+        cfg, weights, tokenizer = load_gguf(source)
+    elif source.exists():
+        raise ModelLoadError(f"{source}: expected a Hugging Face model directory or a .gguf file")
+    else:
+        raise ModelLoadError(f"{source}: no such file or directory")
+    if dtype is not None:
+        weights = {n: t.to(dtype) if t.is_floating_point() else t for n, t in weights.items()}
+    if tokenizer.chat_template is None:
+        log.warning("%s has no chat template: only raw prompts can be served", source)
+    numel = sum(t.numel() for t in weights.values())
+    log.info("loaded %s: %s, %d layers, %.1fM parameters, %s, in %.1fs", cfg.name, cfg.architecture,
+             cfg.num_hidden_layers, numel / 1e6, str(dtype or cfg.dtype).removeprefix("torch."),
+             time.monotonic() - t0)
+    return LoadedModel(cfg, weights, tokenizer, tokenizer.chat_template, str(source))
