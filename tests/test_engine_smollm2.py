@@ -92,10 +92,16 @@ def test_preemption_under_tiny_kv_budget_keeps_outputs(hf):
 
 
 def _hf_ignore_eos(hf, prompt_ids, n):
+    """transformers' greedy continuation for n tokens, straight through EOS (generate() would stop or
+    suppress it): the model's own forward with its own KV cache."""
+    ids, out, past = torch.tensor([prompt_ids]), [], None
     with torch.no_grad():
-        out = hf.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
-                          max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=2)
-    return out[0, len(prompt_ids):].tolist()
+        for _ in range(n):
+            res = hf(input_ids=ids, past_key_values=past, use_cache=True)
+            past = res.past_key_values
+            ids = res.logits[:, -1:].argmax(-1)
+            out.append(int(ids))
+    return out
 
 
 def test_abort_frees_every_block(engine):

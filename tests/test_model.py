@@ -25,6 +25,8 @@ CONFIGS = {
                         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 64}, **TINY),
     "qwen2": dict(model_type="qwen2", tie_word_embeddings=False, rope_theta=1000000.0, **TINY),
+    "llama-biases": dict(model_type="llama", tie_word_embeddings=False, rope_theta=10000.0, attention_bias=True,
+                         mlp_bias=True, **TINY),
     "mistral": dict(model_type="mistral", tie_word_embeddings=False, rope_theta=10000.0, **TINY),
 }
 

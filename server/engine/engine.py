@@ -110,14 +110,14 @@ class LLMEngine:
         seq = self.requests.get(request_id)
         if seq is None:
             return None
-        return self._finish(seq, FinishReason.CANCELLED, "", [])
+        return self._finish(seq, FinishReason.CANCELLED, "", False, [])
 
     def fail_all(self, message: str) -> list[RequestOutput]:
         """After an internal error: end every live request with ERROR and free everything."""
         outs = []
         for seq in list(self.requests.values()):
             seq.error = message
-            outs.append(self._finish(seq, FinishReason.ERROR, "", []))
+            outs.append(self._finish(seq, FinishReason.ERROR, "", False, []))
         return outs
 
     def has_work(self) -> bool:
@@ -148,23 +148,26 @@ class LLMEngine:
     def _after_token(self, seq: Sequence, token: int, logprobs: list[float] | None) -> RequestOutput:
         p = seq.params
         if token in self.eos_ids and not p.ignore_eos:
-            return self._finish(seq, FinishReason.EOS, seq.detokenizer.flush(), [token], logprobs, flush=True)
+            return self._finish(seq, FinishReason.EOS, *self._final_text(seq, ""), [token], logprobs)
         if token in p.stop_token_ids:
-            return self._finish(seq, FinishReason.STOP, seq.detokenizer.flush(), [token], logprobs, flush=True)
+            return self._finish(seq, FinishReason.STOP, *self._final_text(seq, ""), [token], logprobs)
         text, stopped = seq.stop_matcher.feed(seq.detokenizer.step([token]))
         if stopped:
-            return self._finish(seq, FinishReason.STOP, text, [token], logprobs)
+            return self._finish(seq, FinishReason.STOP, text, True, [token], logprobs)
         if seq.num_generated >= p.max_new_tokens or len(seq.token_ids) >= self.max_model_len:
-            text += seq.stop_matcher.feed(seq.detokenizer.flush())[0]
-            return self._finish(seq, FinishReason.LENGTH, text, [token], logprobs, flush=True)
+            return self._finish(seq, FinishReason.LENGTH, *self._final_text(seq, text), [token], logprobs)
         return RequestOutput(seq.request_id, text, [token], logprobs)
 
-    def _finish(self, seq: Sequence, reason: FinishReason, text: str, token_ids: list[int],
-                logprobs: list[float] | None = None, flush: bool = False) -> RequestOutput:
-        if flush and reason is not FinishReason.LENGTH:
-            text, _ = seq.stop_matcher.feed(text)
-        if flush:
-            text += seq.stop_matcher.flush()
+    @staticmethod
+    def _final_text(seq: Sequence, text: str) -> tuple[str, bool]:
+        """Text so far + whatever the detokenizer and stop matcher still hold; whether a stop matched."""
+        tail, stopped = seq.stop_matcher.feed(seq.detokenizer.flush())
+        return text + tail + ("" if stopped else seq.stop_matcher.flush()), stopped
+
+    def _finish(self, seq: Sequence, reason: FinishReason, text: str, stopped: bool, token_ids: list[int],
+                logprobs: list[float] | None = None) -> RequestOutput:
+        if stopped:
+            reason = FinishReason.STOP
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         self.scheduler.remove(seq)

@@ -25,7 +25,8 @@ class Attention(nn.Module):
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.qkv_proj = Linear(cfg.hidden_size, {"q_proj": q, "k_proj": kv, "v_proj": kv}, cfg.attention_bias,
                                layer_idx=layer_idx, dtype=dtype, device=device)
-        self.o_proj = Linear(q, {"o_proj": cfg.hidden_size}, False, layer_idx=layer_idx, dtype=dtype, device=device)
+        o_bias = cfg.attention_bias and cfg.architecture == "llama"  # Qwen2 biases only q/k/v
+        self.o_proj = Linear(q, {"o_proj": cfg.hidden_size}, o_bias, layer_idx=layer_idx, dtype=dtype, device=device)
         self.k_cache: torch.Tensor | None = None  # [slots, KVH, D], bound by bind_kv_cache
         self.v_cache: torch.Tensor | None = None
         self.block_size = 0

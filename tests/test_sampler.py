@@ -1,0 +1,92 @@
+"""Sampler against transformers' logits processors; seeded draws independent of the batch."""
+import pytest
+import torch
+from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+                                                    TopKLogitsWarper, TopPLogitsWarper)
+
+from server.engine.request import SamplingParams
+from server.engine.sampler import Sampler, SamplingState, apply_repetition_penalty, top_k_top_p_filter
+
+V = 257
+
+
+def _hf_process(logits, ids, p: SamplingParams):
+    x = logits.clone().unsqueeze(0)
+    inp = torch.tensor([ids])
+    if p.repetition_penalty != 1.0:
+        x = RepetitionPenaltyLogitsProcessor(p.repetition_penalty)(inp, x)
+    if p.temperature not in (0.0, 1.0):
+        x = TemperatureLogitsWarper(p.temperature)(inp, x)
+    if p.top_k:
+        x = TopKLogitsWarper(p.top_k)(inp, x)
+    if p.top_p < 1.0:
+        x = TopPLogitsWarper(p.top_p)(inp, x)
+    return x[0]
+
+
+@pytest.mark.parametrize("penalty,temp,top_k,top_p", [
+    (1.0, 1.0, 0, 1.0), (1.3, 0.7, 0, 1.0), (1.0, 1.0, 20, 1.0), (1.0, 0.8, 0, 0.9), (1.2, 1.5, 50, 0.5),
+    (0.8, 1.0, 1, 1.0), (1.0, 1.0, 0, 0.01)])
+def test_filters_match_transformers(penalty, temp, top_k, top_p):
+    g = torch.Generator().manual_seed(hash((penalty, temp, top_k, top_p)) % 2**31)
+    logits = torch.randn(V, generator=g) * 3
+    ids = torch.randint(0, V, (40,), generator=g).tolist()
+    p = SamplingParams(temperature=temp, top_k=top_k, top_p=top_p, repetition_penalty=penalty)
+    ours = logits.clone()
+    apply_repetition_penalty(ours, ids, penalty)
+    ours = top_k_top_p_filter(ours / temp, top_k, top_p)
+    ref = _hf_process(logits, ids, p)
+    assert torch.equal(torch.isinf(ours), torch.isinf(ref))
+    finite = ~torch.isinf(ref)
+    torch.testing.assert_close(ours[finite], ref[finite], rtol=1e-6, atol=1e-6)
+    assert finite.sum() >= 1
+
+
+def test_greedy_is_argmax_after_penalty_and_logprobs():
+    logits = torch.randn(4, V)
+    logits[0, 7] = 50.0  # would win, but is penalised below another token
+    logits[0, 9] = 45.0
+    states = [SamplingState.create(SamplingParams(repetition_penalty=2.0, logprobs=True), torch.device("cpu"))]
+    states += [SamplingState.create(SamplingParams(), torch.device("cpu")) for _ in range(3)]
+    ids, lps = Sampler()(logits.clone(), states, [[7], [], [1, 2], []])
+    assert ids[0] == 9
+    assert ids[1:].tolist() == logits[1:].argmax(-1).tolist()
+    penalised = logits.clone()
+    penalised[0, 7] /= 2.0
+    want = penalised.log_softmax(-1)[torch.arange(4), ids]
+    torch.testing.assert_close(lps, want)
+
+
+def test_seeded_sampling_is_independent_of_batch_composition():
+    torch.manual_seed(0)
+    steps = [torch.randn(8, V) for _ in range(12)]
+    p = SamplingParams(temperature=0.9, top_p=0.95, top_k=40, seed=1234)
+
+    def run(rows, include_others):
+        states = [SamplingState.create(p, torch.device("cpu"))]
+        others = [SamplingState.create(SamplingParams(temperature=1.0, seed=i), torch.device("cpu"))
+                  for i in range(rows - 1)] if include_others else []
+        out = []
+        for s in steps:
+            batch = s[:1 + len(others)] if include_others else s[:1]
+            ids, _ = Sampler()(batch.clone(), states + others, [[]] * (1 + len(others)))
+            out.append(int(ids[0]))
+        return out
+
+    alone = run(1, False)
+    assert alone == run(8, True) == run(3, True)
+    other_seed = SamplingParams(temperature=0.9, top_p=0.95, top_k=40, seed=99)
+    st = SamplingState.create(other_seed, torch.device("cpu"))
+    differs = [int(Sampler()(s[:1].clone(), [st], [[]])[0][0]) for s in steps]
+    assert differs != alone
+
+
+def test_sampled_distribution_follows_probabilities():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2] + [1e-9] * 5]))
+    st = SamplingState.create(SamplingParams(temperature=1.0, seed=5), torch.device("cpu"))
+    counts = torch.zeros(8)
+    for _ in range(3000):
+        counts[Sampler()(logits.clone(), [st], [[]])[0][0]] += 1
+    freq = counts / counts.sum()
+    assert abs(freq[0] - 0.5) < 0.04 and abs(freq[1] - 0.3) < 0.04 and abs(freq[2] - 0.2) < 0.04
+    assert counts[3:].sum() == 0
