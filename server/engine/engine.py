@@ -15,7 +15,7 @@ from loader.base import LoadedModel, load_base_model
 from server.config import EngineConfig
 from server.engine.block_manager import BlockManager
 from server.engine.detokenizer import IncrementalDetokenizer
-from server.engine.errors import InvalidRequestError
+from server.engine.errors import AdapterNotFoundError, InvalidRequestError
 from server.engine.model_runner import ModelRunner
 from server.engine.request import FinishReason, GenerateRequest, RequestOutput, RequestStats
 from server.engine.sampler import Sampler, SamplingState
@@ -80,6 +80,9 @@ class LLMEngine:
 
     def make_sequence(self, request: GenerateRequest) -> Sequence:
         """Validate and tokenize a request (safe to call from any thread)."""
+        if request.adapter_id:
+            raise AdapterNotFoundError(f"adapter {request.adapter_id!r} is not loaded (this server serves only "
+                                       "the base model until adapters are supported)")
         ids = self.prompt_ids(request)
         if not ids:
             raise InvalidRequestError("the prompt is empty after tokenization")

@@ -1,0 +1,1 @@
+"""The gRPC front end: protobuf <-> engine conversion, auth, the Inference service, the server process."""

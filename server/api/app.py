@@ -1,0 +1,106 @@
+"""The server process: engine + gRPC (Inference, health, reflection) + /metrics, and a graceful drain.
+
+Lifecycle: load the model -> start the engine thread -> serve -> on SIGTERM/SIGINT: health
+NOT_SERVING, new calls UNAVAILABLE, running streams get --shutdown-grace seconds to finish ->
+stop -> exit 0.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from proto import tessera_pb2 as pb
+from proto import tessera_pb2_grpc as pb_grpc
+from server.api.auth import Auth
+from server.api.service import InferenceService
+from server.config import EngineConfig
+from server.engine.async_engine import AsyncEngine
+from server.metrics import Metrics
+
+log = logging.getLogger("tessera.server")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_host: str | None = None  # None = same as host
+    metrics_port: int | None = 9400  # None = no metrics endpoint
+    auth: Auth = Auth()
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # set = mutual TLS, clients must present a certificate it signed
+    max_message_bytes: int = 4 << 20
+    shutdown_grace_s: float = 30.0
+    max_concurrent_rpcs: int | None = None
+
+
+def _credentials(cfg: ServerConfig) -> grpc.ServerCredentials | None:
+    if cfg.tls_cert is None:
+        return None
+    key, cert = cfg.tls_key.read_bytes(), cfg.tls_cert.read_bytes()
+    ca = cfg.tls_client_ca.read_bytes() if cfg.tls_client_ca else None
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
+
+
+def _engine_gauges(engine: AsyncEngine) -> dict:
+    s = engine.stats()
+    return {"num_running": s.num_running, "num_waiting": s.num_waiting, "kv_usage": s.kv_usage,
+            "kv_blocks_total": s.kv_blocks_total, "kv_blocks_used": s.kv_blocks_used,
+            "num_preemptions": s.num_preemptions, "weight_bytes": engine.engine.weight_bytes}
+
+
+async def serve(engine_cfg: EngineConfig, cfg: ServerConfig) -> None:
+    engine = await asyncio.to_thread(AsyncEngine.from_config, engine_cfg)
+    await engine.start()
+    metrics = Metrics(lambda: _engine_gauges(engine))
+    service = InferenceService(engine, cfg.auth, metrics, engine_cfg.default_max_new_tokens)
+
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", cfg.max_message_bytes),
+                                      ("grpc.max_send_message_length", cfg.max_message_bytes),
+                                      ("grpc.so_reuseport", 0)],
+                             maximum_concurrent_rpcs=cfg.max_concurrent_rpcs)
+    pb_grpc.add_InferenceServicer_to_server(service, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    address = f"{cfg.host}:{cfg.port}"
+    creds = _credentials(cfg)
+    port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
+    if port == 0:
+        raise SystemExit(f"cannot listen on {address}: the port is taken or the address is not local")
+    await server.start()
+    if cfg.metrics_port is not None:
+        mport = metrics.serve(cfg.metrics_host or cfg.host, cfg.metrics_port)
+        log.info("metrics on http://%s:%d/metrics", cfg.metrics_host or cfg.host, mport)
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("serving %s on %s:%d (%s)", engine.model_config.name, cfg.host, port, "TLS" if creds else "plaintext")
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+    log.info("draining: NOT_SERVING, refusing new calls, %d streams get up to %.0fs to finish",
+             service.active_streams, cfg.shutdown_grace_s)
+    service.draining = True
+    await health_servicer.enter_graceful_shutdown()
+    try:
+        await asyncio.wait_for(service.wait_idle(), timeout=cfg.shutdown_grace_s)
+    except asyncio.TimeoutError:
+        log.warning("grace period over: cancelling %d streams", service.active_streams)
+    await server.stop(grace=1.0)
+    await engine.shutdown()
+    metrics.close()
+    log.info("stopped")

