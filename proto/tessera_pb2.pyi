@@ -99,7 +99,7 @@ class LoadAdapterRequest(_message.Message):
     def __init__(self, adapter_id: _Optional[str] = ..., path: _Optional[str] = ...) -> None: ...
 
 class AdapterInfo(_message.Message):
-    __slots__ = ("adapter_id", "kind", "rank", "resident", "path", "bytes", "active_requests")
+    __slots__ = ("adapter_id", "kind", "rank", "resident", "path", "bytes", "active_requests", "pinned")
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
@@ -107,6 +107,7 @@ class AdapterInfo(_message.Message):
     PATH_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    PINNED_FIELD_NUMBER: _ClassVar[int]
     adapter_id: str
     kind: str
     rank: int
@@ -114,7 +115,8 @@ class AdapterInfo(_message.Message):
     path: str
     bytes: int
     active_requests: int
-    def __init__(self, adapter_id: _Optional[str] = ..., kind: _Optional[str] = ..., rank: _Optional[int] = ..., resident: _Optional[str] = ..., path: _Optional[str] = ..., bytes: _Optional[int] = ..., active_requests: _Optional[int] = ...) -> None: ...
+    pinned: int
+    def __init__(self, adapter_id: _Optional[str] = ..., kind: _Optional[str] = ..., rank: _Optional[int] = ..., resident: _Optional[str] = ..., path: _Optional[str] = ..., bytes: _Optional[int] = ..., active_requests: _Optional[int] = ..., pinned: _Optional[int] = ...) -> None: ...
 
 class LoadAdapterResponse(_message.Message):
     __slots__ = ("adapter",)

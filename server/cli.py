@@ -70,6 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--api-key", default=None, help="bearer token required on Generate (default: $TESSERA_API_KEY)")
     a.add_argument("--adapter-root", type=Path, default=None,
                    help="directory whose subdirectories are adapters, addressed by their relative path")
+    a.add_argument("--adapter-memory", type=parse_bytes, default=512 << 20,
+                   help="bytes of the device adapter pool (paged; e.g. 512MiB, 2G)")
+    a.add_argument("--adapter-host-memory", type=parse_bytes, default=4 << 30,
+                   help="bytes of adapters kept in host memory behind the pool (LRU)")
+    a.add_argument("--max-lora-rank", type=int, default=64, help="largest LoRA rank accepted")
+    a.add_argument("--max-loras", type=int, default=32, help="distinct adapters in one batch")
+    a.add_argument("--no-load-on-demand", action="store_true",
+                   help="a Generate naming an adapter that is not loaded gets NOT_FOUND instead of loading it "
+                   "from --adapter-root")
     ap.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return ap
 
@@ -88,7 +97,11 @@ def configs(args: argparse.Namespace):
     engine = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory,
                           block_size=args.block_size, max_num_seqs=args.max_num_seqs,
                           max_num_batched_tokens=args.max_num_batched_tokens, max_queue=args.max_queue,
-                          max_model_len=args.max_model_len, default_max_new_tokens=args.default_max_new_tokens)
+                          max_model_len=args.max_model_len, default_max_new_tokens=args.default_max_new_tokens,
+                          adapter_root=str(args.adapter_root) if args.adapter_root else None,
+                          adapter_memory=args.adapter_memory, adapter_host_memory=args.adapter_host_memory,
+                          max_lora_rank=args.max_lora_rank, max_loras=args.max_loras,
+                          load_adapters_on_demand=not args.no_load_on_demand)
     auth = Auth(admin_token=args.admin_token or os.environ.get("TESSERA_ADMIN_TOKEN") or None,
                 api_key=args.api_key or os.environ.get("TESSERA_API_KEY") or None,
                 allow_unauthenticated_admin=args.allow_unauthenticated_admin)

@@ -21,6 +21,13 @@ class EngineConfig:
     max_model_len: int | None = None  # None = the model's max_position_embeddings
     default_max_new_tokens: int = 256  # used when a request asks for 0
     seed: int = 0
+    # adapters
+    adapter_root: str | None = None  # directory whose subdirectories are adapters (ids = relative paths)
+    adapter_memory: int = 512 << 20  # bytes of the device adapter pool
+    adapter_host_memory: int = 4 << 30  # bytes of adapters kept in host memory (LRU)
+    max_lora_rank: int = 64
+    max_loras: int = 32  # distinct adapters in one batch
+    load_adapters_on_demand: bool = True  # a Generate naming an unloaded id under adapter_root loads it
 
     def __post_init__(self) -> None:
         problems = []
@@ -30,7 +37,7 @@ class EngineConfig:
             problems.append(f"dtype must be auto, {', '.join(_DTYPES)}, got {self.dtype!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             problems.append(f"block_size must be a power of two, got {self.block_size}")
-        for name in ("kv_cache_memory", "max_num_seqs", "max_num_batched_tokens", "max_queue",
+        for name in ("kv_cache_memory", "max_num_seqs", "adapter_memory", "max_lora_rank", "max_loras", "max_num_batched_tokens", "max_queue",
                      "default_max_new_tokens"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
@@ -50,9 +51,27 @@ class _EngineCollector:
                                 value=s["weight_bytes"])
         yield CounterMetricFamily("tessera_num_preemptions", "Sequences preempted for lack of KV blocks.",
                                   value=s["num_preemptions"])
-        extra = s.get("extra_gauges", {})
-        for name, (help_, value) in extra.items():
-            yield GaugeMetricFamily(name, help_, value=value)
+        tiers = GaugeMetricFamily("tessera_adapters_resident", "Registered adapters by where they are resident.",
+                                  labels=["tier"])
+        for tier in ("device", "host", "disk"):
+            tiers.add_metric([tier], s["adapter_tiers"].get(tier, 0))
+        yield tiers
+        yield GaugeMetricFamily("tessera_adapter_pool_pages", "Pages of the device adapter pool.",
+                                value=s["adapter_pool_pages"])
+        yield GaugeMetricFamily("tessera_adapter_pool_pages_used", "Pages of the device adapter pool in use.",
+                                value=s["adapter_pool_pages_used"])
+        per = GaugeMetricFamily("tessera_adapter_requests", "Requests per adapter (adapters in the registry only).",
+                                labels=["adapter_id", "state"])
+        for state in ("running", "waiting"):
+            for adapter_id, n in sorted(s[f"adapters_{state}"].items()):
+                per.add_metric([adapter_id, state], n)
+        yield per
+        # The inference gateway's LoRA affinity reads this one; the value is a timestamp, as in vLLM.
+        info = GaugeMetricFamily("vllm:lora_requests_info", "Running and waiting LoRA adapters.",
+                                 labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"])
+        info.add_metric([",".join(sorted(s["adapters_running"])), ",".join(sorted(s["adapters_waiting"])),
+                         str(s["max_loras"])], time.time())
+        yield info
 
 
 class Metrics:
@@ -73,8 +92,20 @@ class Metrics:
                              buckets=LATENCY_BUCKETS, registry=r)
         self.queue = Histogram("tessera_request_queue_time_seconds", "Arrival to first scheduled.",
                                buckets=LATENCY_BUCKETS, registry=r)
+        self.adapter_load = Histogram("tessera_adapter_load_seconds", "Adapter load latency by source (disk, host).",
+                                      ["source"], buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5,
+                                                           1.0, 2.5, 5.0, 10.0), registry=r)
+        self.adapter_failures = Counter("tessera_adapter_load_failures", "Adapter loads refused, by reason.",
+                                        ["reason"], registry=r)
         r.register(_EngineCollector(read_engine))
         self._server: ThreadingHTTPServer | None = None
+
+    # AdapterObserver (called from the adapter manager's threads)
+    def adapter_loaded(self, source: str, seconds: float) -> None:
+        self.adapter_load.labels(source).observe(seconds)
+
+    def adapter_load_failed(self, reason: str) -> None:
+        self.adapter_failures.labels(reason).inc()
 
     def observe_token_gap(self, seconds: float, n_tokens: int) -> None:
         for _ in range(n_tokens):

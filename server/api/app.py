@@ -54,15 +54,14 @@ def _credentials(cfg: ServerConfig) -> grpc.ServerCredentials | None:
 
 def _engine_gauges(engine: AsyncEngine) -> dict:
     s = engine.stats()
-    return {"num_running": s.num_running, "num_waiting": s.num_waiting, "kv_usage": s.kv_usage,
-            "kv_blocks_total": s.kv_blocks_total, "kv_blocks_used": s.kv_blocks_used,
-            "num_preemptions": s.num_preemptions, "weight_bytes": engine.engine.weight_bytes}
+    return {**vars(s), "weight_bytes": engine.engine.weight_bytes, "max_loras": engine.engine.cfg.max_loras}
 
 
 async def serve(engine_cfg: EngineConfig, cfg: ServerConfig) -> None:
     engine = await asyncio.to_thread(AsyncEngine.from_config, engine_cfg)
     await engine.start()
     metrics = Metrics(lambda: _engine_gauges(engine))
+    engine.engine.adapters.observer = metrics
     service = InferenceService(engine, cfg.auth, metrics, engine_cfg.default_max_new_tokens)
 
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", cfg.max_message_bytes),

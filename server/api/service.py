@@ -12,6 +12,7 @@ import time
 
 import grpc
 
+from loader.adapter_errors import AdapterLoadError
 from proto import tessera_pb2 as pb
 from proto import tessera_pb2_grpc as pb_grpc
 from server.api.auth import Auth, AuthError
@@ -32,7 +33,14 @@ _STATUS = [  # most specific first
 ]
 
 
-def status_for(exc: EngineError) -> grpc.StatusCode:
+_ADAPTER_STATUS = {"invalid": grpc.StatusCode.INVALID_ARGUMENT, "unsupported": grpc.StatusCode.INVALID_ARGUMENT,
+                   "not_found": grpc.StatusCode.NOT_FOUND, "incompatible": grpc.StatusCode.FAILED_PRECONDITION,
+                   "too_large": grpc.StatusCode.FAILED_PRECONDITION, "no_room": grpc.StatusCode.RESOURCE_EXHAUSTED}
+
+
+def status_for(exc: Exception) -> grpc.StatusCode:
+    if isinstance(exc, AdapterLoadError):
+        return _ADAPTER_STATUS[exc.reason]
     for cls, code in _STATUS:
         if isinstance(exc, cls):
             return code
@@ -88,7 +96,7 @@ class InferenceService(pb_grpc.InferenceServicer):
                 yield to_response(out)
                 if out.finish_reason is FinishReason.ERROR:
                     await context.abort(grpc.StatusCode.INTERNAL, out.error or "internal error")
-        except EngineError as exc:
+        except (EngineError, AdapterLoadError) as exc:
             await self._reject(context, status_for(exc), str(exc))
         except asyncio.CancelledError:  # the client went away or its deadline passed
             self.metrics.requests.labels(FinishReason.CANCELLED.value).inc()
@@ -111,12 +119,25 @@ class InferenceService(pb_grpc.InferenceServicer):
     # -- admin ------------------------------------------------------------------------------------
     async def LoadAdapter(self, request, context):  # noqa: N802
         await self._check(context, admin=True)
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "adapters are not supported by this server yet")
+        try:
+            info = await self.engine.load_adapter(request.adapter_id, request.path or None)
+        except (EngineError, AdapterLoadError) as exc:
+            await self._reject(context, status_for(exc), str(exc))
+        return pb.LoadAdapterResponse(adapter=_info(info))
 
     async def UnloadAdapter(self, request, context):  # noqa: N802
         await self._check(context, admin=True)
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "adapters are not supported by this server yet")
+        try:
+            self.engine.unload_adapter(request.adapter_id)
+        except EngineError as exc:
+            await self._reject(context, status_for(exc), str(exc))
+        return pb.UnloadAdapterResponse()
 
     async def ListAdapters(self, request, context):  # noqa: N802
         await self._check(context, admin=True)
-        return pb.ListAdaptersResponse()
+        return pb.ListAdaptersResponse(adapters=[_info(i) for i in self.engine.list_adapters()])
+
+
+def _info(d: dict) -> pb.AdapterInfo:
+    return pb.AdapterInfo(adapter_id=d["adapter_id"], kind=d["kind"], rank=d["rank"], resident=d["resident"],
+                          path=d["path"], bytes=d["bytes"], active_requests=d["active_requests"], pinned=d["pins"])

@@ -10,12 +10,14 @@ import asyncio
 import logging
 import queue
 import threading
+from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import AsyncIterator
 
 from server.config import EngineConfig
 from server.engine.engine import LLMEngine
-from server.engine.errors import EngineShutdownError, InvalidRequestError, QueueFullError
+from server.engine.errors import AdapterNotFoundError, EngineShutdownError, InvalidRequestError, QueueFullError
 from server.engine.request import FinishReason, GenerateRequest, RequestOutput
 
 log = logging.getLogger("tessera.engine")
@@ -29,6 +31,11 @@ class EngineStats:
     kv_blocks_used: int
     kv_usage: float  # 0..1
     num_preemptions: int
+    adapters_running: dict[str, int]  # adapter id -> running requests
+    adapters_waiting: dict[str, int]
+    adapter_tiers: dict[str, int]  # "device" / "host" / "disk" -> adapters
+    adapter_pool_pages: int
+    adapter_pool_pages_used: int
 
 
 class AsyncEngine:
@@ -69,10 +76,15 @@ class AsyncEngine:
                 "block_size": e.cfg.block_size, "max_model_len": e.max_model_len}
 
     def stats(self) -> EngineStats:
-        s, a = self.engine.scheduler, self.engine.blocks.allocator
-        return EngineStats(num_running=len(s.running), num_waiting=len(s.waiting) + self._num_inbox,
+        s, a, ad = self.engine.scheduler, self.engine.blocks.allocator, self.engine.adapters
+        running, waiting = list(s.running), list(s.waiting)  # copies: the engine thread mutates them
+        return EngineStats(num_running=len(running), num_waiting=len(waiting) + self._num_inbox,
                            kv_blocks_total=a.num_blocks, kv_blocks_used=a.num_used,
-                           kv_usage=a.num_used / max(1, a.num_blocks), num_preemptions=s.num_preemptions)
+                           kv_usage=a.num_used / max(1, a.num_blocks), num_preemptions=s.num_preemptions,
+                           adapters_running=dict(Counter(q.adapter_id for q in running if q.adapter_id)),
+                           adapters_waiting=dict(Counter(q.adapter_id for q in waiting if q.adapter_id)),
+                           adapter_tiers=dict(ad.tier_counts()), adapter_pool_pages=ad.pool.num_pages,
+                           adapter_pool_pages_used=ad.pool.num_used)
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -90,8 +102,13 @@ class AsyncEngine:
             raise EngineShutdownError("the engine is shutting down" if self._stopping else "the engine is not started")
         if self.stats().num_waiting >= self.max_queue:
             raise QueueFullError(f"the waiting queue is full ({self.max_queue} requests): retry later")
+        if request.adapter_id and self.engine.adapters.needs_load(request.adapter_id):
+            if not self.engine.cfg.load_adapters_on_demand:
+                raise AdapterNotFoundError(f"adapter {request.adapter_id!r} is not loaded (on-demand loading is off)")
+            await asyncio.to_thread(self.engine.adapters.load, request.adapter_id)  # other requests keep running
         seq = self.engine.make_sequence(request)
         if seq.request_id in self._streams:
+            self.engine.discard(seq)
             raise InvalidRequestError(f"request_id {seq.request_id!r} is already running")
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[seq.request_id] = stream
@@ -111,6 +128,17 @@ class AsyncEngine:
             self._streams.pop(seq.request_id, None)
             if not finished:
                 self.abort(seq.request_id)
+
+    # -- adapters (admin) ---------------------------------------------------------------------
+    async def load_adapter(self, adapter_id: str, path: str | None = None) -> dict:
+        entry = await asyncio.to_thread(self.engine.adapters.load, adapter_id, Path(path) if path else None)
+        return next(i for i in self.engine.adapters.infos() if i["adapter_id"] == entry.adapter_id)
+
+    def unload_adapter(self, adapter_id: str) -> int:
+        return self.engine.adapters.unload(adapter_id)
+
+    def list_adapters(self) -> list[dict]:
+        return self.engine.adapters.infos()
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))

@@ -13,9 +13,10 @@ import torch
 
 from loader.base import LoadedModel, load_base_model
 from server.config import EngineConfig
+from server.adapters.manager import AdapterManager
 from server.engine.block_manager import BlockManager
 from server.engine.detokenizer import IncrementalDetokenizer
-from server.engine.errors import AdapterNotFoundError, InvalidRequestError
+from server.engine.errors import InvalidRequestError
 from server.engine.model_runner import ModelRunner
 from server.engine.request import FinishReason, GenerateRequest, RequestOutput, RequestStats
 from server.engine.sampler import Sampler, SamplingState
@@ -45,9 +46,13 @@ class LLMEngine:
         num_blocks = cfg.kv_cache_memory // bytes_per_block
         if num_blocks < 1:
             raise ValueError(f"kv_cache_memory {cfg.kv_cache_memory} B is below one KV block ({bytes_per_block} B)")
-        self.runner = ModelRunner(self.model, num_blocks, cfg.block_size)
+        self.adapters = AdapterManager(self.model, adapter_root=cfg.adapter_root, device_memory=cfg.adapter_memory,
+                                       host_memory=cfg.adapter_host_memory, max_lora_rank=cfg.max_lora_rank,
+                                       load_on_demand=cfg.load_adapters_on_demand)
+        self.runner = ModelRunner(self.model, num_blocks, cfg.block_size, self.adapters)
         self.blocks = BlockManager(num_blocks, cfg.block_size)
-        self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens,
+                                   self._adapter_gate, self._adapter_release)
         self.sampler = Sampler()
         self.eos_ids = set(mc.eos_token_ids)
         self.requests: dict[str, Sequence] = {}
@@ -80,9 +85,6 @@ class LLMEngine:
 
     def make_sequence(self, request: GenerateRequest) -> Sequence:
         """Validate and tokenize a request (safe to call from any thread)."""
-        if request.adapter_id:
-            raise AdapterNotFoundError(f"adapter {request.adapter_id!r} is not loaded (this server serves only "
-                                       "the base model until adapters are supported)")
         ids = self.prompt_ids(request)
         if not ids:
             raise InvalidRequestError("the prompt is empty after tokenization")
@@ -97,6 +99,8 @@ class LLMEngine:
                 f"prompt + max_new_tokens needs {need} KV blocks but the cache has "
                 f"{self.blocks.allocator.num_blocks}: shorten the request or raise --kv-cache-memory")
         seq = Sequence(request.request_id or uuid.uuid4().hex, ids, p, adapter_id=request.adapter_id or None)
+        if seq.adapter_id:
+            self.adapters.acquire(seq.adapter_id)  # raises AdapterNotFoundError; released in _finish
         seq.sampling_state = SamplingState.create(p, self.device)
         seq.detokenizer = IncrementalDetokenizer(self.tokenizer, ids)
         seq.stop_matcher = StopStringMatcher(p.stop)
@@ -104,9 +108,34 @@ class LLMEngine:
 
     def add(self, seq: Sequence) -> None:
         if seq.request_id in self.requests:
+            self.discard(seq)
             raise InvalidRequestError(f"request_id {seq.request_id!r} is already running")
         self.requests[seq.request_id] = seq
         self.scheduler.add(seq)
+
+    def discard(self, seq: Sequence) -> None:
+        """Give back what make_sequence took for a sequence that will never be added."""
+        if seq.adapter_id:
+            self.adapters.release(seq.adapter_id)
+            seq.adapter_id = None
+
+    # -- adapters at admission (engine thread) ---------------------------------------------------
+    def _adapter_gate(self, seq: Sequence, running: list[Sequence]) -> bool:
+        if not seq.adapter_id:
+            return True
+        active = {s.adapter_id for s in running if s.adapter_id}
+        if seq.adapter_id not in active and len(active) >= self.cfg.max_loras:
+            return False
+        if not self.adapters.make_resident(seq.adapter_id):
+            return False
+        self.adapters.pin(seq.adapter_id)
+        seq.adapter_pinned = True
+        return True
+
+    def _adapter_release(self, seq: Sequence) -> None:
+        if seq.adapter_pinned:
+            self.adapters.unpin(seq.adapter_id)
+            seq.adapter_pinned = False
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Cancel a request at once, freeing all its KV blocks. -> its final output, if it was live."""
@@ -175,6 +204,7 @@ class LLMEngine:
         seq.finish_reason = reason
         self.scheduler.remove(seq)
         self.requests.pop(seq.request_id, None)
+        self.discard(seq)
         now = time.monotonic()
         stats = RequestStats(
             prompt_tokens=seq.num_prompt_tokens, generated_tokens=seq.num_generated,

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from server.adapters.batch import LoraBatch
+from server.adapters.manager import AdapterManager
 from server.engine.scheduler import ScheduledBatch
 from server.engine.sequence import Sequence
 from server.model.attention import AttentionMetadata, PrefillChunk
@@ -10,9 +12,10 @@ from server.model.llama import LlamaModel
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, num_blocks: int, block_size: int):
+    def __init__(self, model: LlamaModel, num_blocks: int, block_size: int, adapters: AdapterManager | None = None):
         cfg = model.config
         self.model = model
+        self.adapters = adapters
         self.block_size = block_size
         self.device = model.device
         # [layers, K/V, slots, KVH, D]
@@ -29,10 +32,20 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor]:
         """Run one step. -> (sequences that sample a token now, their logits [N, vocab] fp32)."""
         input_ids, positions, attn, sample_rows, samplers = self._prepare(batch)
-        hidden = self.model(input_ids, positions, attn)
+        lora = self._adapter_batch(batch, input_ids.numel())
+        hidden = self.model(input_ids, positions, attn, adapters=lora)
         if not samplers:
             return [], hidden.new_empty(0, self.model.config.vocab_size, dtype=torch.float32)
         return samplers, self.model.logits(hidden[sample_rows])
+
+    def _adapter_batch(self, batch: ScheduledBatch, num_tokens: int) -> LoraBatch | None:
+        if self.adapters is None or not any(s.adapter_id for s in batch.seqs):
+            return None
+        spans, start = [], 0
+        for seq, n in zip(batch.seqs, batch.num_tokens):
+            spans.append((seq.adapter_id, start, n))
+            start += n
+        return LoraBatch.build(self.adapters.pool.buffer, spans, num_tokens, self.adapters.modules, self.device)
 
     def _prepare(self, batch: ScheduledBatch):
         bs = self.block_size

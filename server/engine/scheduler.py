@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 from server.engine.block_manager import BlockManager
 from server.engine.sequence import Sequence, SequenceStatus
@@ -36,8 +37,13 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 adapter_gate: Callable[[Sequence, list[Sequence]], bool] | None = None,
+                 adapter_release: Callable[[Sequence], None] | None = None):
         self.blocks = block_manager
+        # adapter_gate(seq, running): make seq's adapter resident and pin it, or say it cannot run now.
+        self.adapter_gate = adapter_gate or (lambda seq, running: True)
+        self.adapter_release = adapter_release or (lambda seq: None)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -56,6 +62,7 @@ class Scheduler:
         """Drop a finished or aborted sequence and free all its blocks at once."""
         if seq in self.running:
             self.running.remove(seq)
+            self.adapter_release(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.blocks.free(seq)
@@ -78,12 +85,18 @@ class Scheduler:
             budget -= n
             picked.append((seq, n))
 
-        # Waiting sequences in arrival order (preempted ones were put back in front).
+        # Waiting sequences in arrival order (preempted ones were put back in front). One whose adapter
+        # cannot be resident now (pool full of pinned adapters) lets later ones go first.
+        blocked: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             seq = self.waiting[0]
+            if not self.adapter_gate(seq, self.running):
+                blocked.append(self.waiting.popleft())
+                continue
             n = min(seq.num_uncomputed, budget)
             need = self.blocks.blocks_needed(seq, n)
             if not self.blocks.can_allocate(need + self._watermark):
+                self.adapter_release(seq)
                 break
             self.waiting.popleft()
             self.blocks.grow(seq, n)
@@ -94,6 +107,7 @@ class Scheduler:
             budget -= n
             picked.append((seq, n))
 
+        self.waiting.extendleft(reversed(blocked))
         batch = ScheduledBatch(preempted=preempted)
         # A sequence preempted after it was picked (to make room for an older one) sits out.
         picked = [(s, n) for s, n in picked if s.status is SequenceStatus.RUNNING]
@@ -116,6 +130,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
+        self.adapter_release(seq)
         self.blocks.free(seq)
         seq.reset_for_recompute()
         self.waiting.appendleft(seq)

@@ -36,6 +36,7 @@ class Sequence:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     num_preemptions: int = 0
+    adapter_pinned: bool = False  # its adapter is pinned in the device pool while it runs
     # Per-request helpers owned by the engine (sampling state, detokenizer, stop matcher).
     sampling_state: Any = None
     detokenizer: Any = None

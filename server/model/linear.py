@@ -49,6 +49,11 @@ class Linear(nn.Module):
             y = adapters.apply(self, x, y)
         return y
 
+    def slice_weight(self, name: str) -> torch.Tensor:
+        """The [out, in] weight of one output slice, as the forward pass uses it."""
+        start, end = self.slice_offsets[name]
+        return self.weight[start:end]
+
     def load_slice(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         """Copy one Hugging Face projection ([out, in] weight, [out] bias) into its slice."""
         start, end = self.slice_offsets[name]

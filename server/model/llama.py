@@ -111,6 +111,15 @@ class LlamaModel(nn.Module):
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return torch.nn.functional.linear(hidden, weight).float()
 
+    def linear(self, layer: int, module: str) -> Linear:
+        """The fused Linear that holds HF module `module` ('q_proj', ..., 'down_proj') of a layer."""
+        block, attr = _FUSED[module]
+        return getattr(getattr(self.layers[layer], block), attr)
+
+    def linear_weight(self, layer: int, module: str) -> torch.Tensor:
+        """The served [out, in] weight of one HF module (dequantized if the base is quantized)."""
+        return self.linear(layer, module).slice_weight(module)
+
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         """Copy Hugging Face-named tensors into the fused layout; every parameter must be covered."""
         loaded: set[str] = set()
@@ -143,18 +152,20 @@ class LlamaModel(nn.Module):
             getattr(layer, module).weight.copy_(tensor)
             return f"layers.{parts[2]}.{module}.weight"
         proj = parts[4]
-        fused = {"q_proj": layer.self_attn.qkv_proj, "k_proj": layer.self_attn.qkv_proj,
-                 "v_proj": layer.self_attn.qkv_proj, "o_proj": layer.self_attn.o_proj,
-                 "gate_proj": layer.mlp.gate_up_proj, "up_proj": layer.mlp.gate_up_proj,
-                 "down_proj": layer.mlp.down_proj}.get(proj)
-        if fused is None:
+        if proj not in _FUSED:
             raise ValueError(f"unexpected weight {name!r}")
+        fused = self.linear(int(parts[2]), proj)
         if leaf == "weight":
             fused.load_slice(proj, tensor)
         else:
             start, end = fused.slice_offsets[proj]
             fused.bias[start:end].copy_(tensor)
         return f"{name}"
+
+
+_FUSED = {"q_proj": ("self_attn", "qkv_proj"), "k_proj": ("self_attn", "qkv_proj"),
+          "v_proj": ("self_attn", "qkv_proj"), "o_proj": ("self_attn", "o_proj"),
+          "gate_proj": ("mlp", "gate_up_proj"), "up_proj": ("mlp", "gate_up_proj"), "down_proj": ("mlp", "down_proj")}
 
 
 def _covered(param_name: str, loaded: set[str]) -> bool:

@@ -1,0 +1,59 @@
+"""Batched LoRA: each token gets its own adapter's low-rank delta, weights read from the paged pool.
+
+Semantics (per segment s = the tokens `rows_s` of one adapter):
+    y[rows_s, out_slice] += scale_s * (x[rows_s] @ A_s.T) @ Bt_s
+with A_s [r_s, in] and Bt_s [r_s, out] stored as rows in fixed-size pages of one flat pool.
+Tokens without an adapter are untouched. The plain-torch `ref_` functions here define the meaning;
+the Triton kernels (kernels issue) must match them. On the CPU they are also the fast path.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def ref_gather_rows(pool: torch.Tensor, pages: torch.Tensor, rows: int, width: int) -> torch.Tensor:
+    """Semantics: concat(pool[pages[i]] for i) viewed as [rows, width].
+
+    pool: [num_pages, page_size]; pages: [n] int (n * page_size == rows * width).
+    Returns a view when the pages are consecutive, a copy otherwise.
+    """
+    first, n = int(pages[0]), pages.numel()
+    if int(pages[-1]) - first == n - 1 and bool((pages[1:] - pages[:-1] == 1).all()):
+        return pool[first:first + n].view(rows, width)
+    return pool.index_select(0, pages.long()).view(rows, width)
+
+
+def ref_lora_add(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, scale: float,
+                 rows: torch.Tensor | None = None) -> None:
+    """Semantics: y[rows] += scale * (x[rows] @ A.T) @ Bt, in place (rows=None: every row).
+
+    y: [T, out] (may be a column slice of a fused output), x: [T, in], A: [r, in], Bt: [r, out].
+    Accumulates in fp32 when x is not fp32.
+    """
+    xs = x if rows is None else x.index_select(0, rows)
+    if xs.dtype != torch.float32:
+        delta = ((xs.float() @ A.float().t()) @ Bt.float()).mul_(scale).to(y.dtype)
+    else:
+        delta = (xs @ A.t()) @ Bt
+        delta.mul_(scale)
+    if rows is None:
+        y.add_(delta)
+    else:
+        y.index_add_(0, rows, delta)
+
+
+def ref_scale_rows(y: torch.Tensor, g: torch.Tensor, bias: torch.Tensor | None,
+                   rows: torch.Tensor | None = None) -> None:
+    """Semantics: y[rows] = (y[rows] - bias) * g + bias, in place (DoRA's base part; IA3-style output scaling).
+
+    y: [T, out], g: [out], bias: [out] or None.
+    """
+    if rows is None:
+        if bias is not None:
+            y.sub_(bias).mul_(g).add_(bias)
+        else:
+            y.mul_(g)
+        return
+    sel = y.index_select(0, rows)
+    sel = (sel - bias) * g + bias if bias is not None else sel * g
+    y.index_copy_(0, rows, sel)

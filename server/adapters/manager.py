@@ -1,0 +1,281 @@
+"""Which adapters exist, where they live, and who is using them.
+
+Tiers: disk (registered, path known) -> host memory (the serving form, LRU under a byte limit) ->
+device pool pages (LRU; an adapter is pinned while a running sequence uses it). Device residency
+implies a host copy, so evicting from the device frees pages without copying anything back.
+
+Threads: disk loads run in worker threads (`load`); the engine thread makes adapters resident and
+pins them between steps (`make_resident`, `pin`, `unpin`); admin calls may come from anywhere. One
+lock guards the registry; disk I/O happens outside it.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+import torch
+
+from loader.adapter_errors import AdapterLoadError
+from loader.adapter_paths import check_adapter_id, resolve_adapter_dir
+from loader.lora import LoraAdapter, load_lora_adapter, module_dims
+from server.adapters.pool import PagePool, PoolFullError, page_size_for
+from server.engine.errors import AdapterNotFoundError
+
+log = logging.getLogger("tessera.adapters")
+
+
+class AdapterObserver(Protocol):
+    def adapter_loaded(self, source: str, seconds: float) -> None: ...
+    def adapter_load_failed(self, reason: str) -> None: ...
+
+
+@dataclass
+class DeviceModule:
+    """One adapted (layer, module) resident in the pool: page tables + views when the pages are consecutive."""
+    a_pages: torch.Tensor  # [r * in / page_size] int64
+    bt_pages: torch.Tensor  # [r * out / page_size]
+    rank: int
+    in_features: int
+    out_features: int
+    scale: float
+    dora_g: torch.Tensor | None
+    A: torch.Tensor | None = None  # [r, in] view into the pool, when contiguous
+    Bt: torch.Tensor | None = None  # [r, out]
+
+
+@dataclass
+class AdapterEntry:
+    adapter_id: str
+    path: Path
+    kind: str
+    rank: int
+    nbytes: int
+    host: LoraAdapter | None = None
+    device: dict[tuple[int, str], DeviceModule] | None = None
+    pages: torch.Tensor | None = None
+    pins: int = 0  # running sequences
+    refs: int = 0  # queued + running requests
+    unloading: bool = False
+    last_used: float = field(default_factory=time.monotonic)
+
+    @property
+    def residency(self) -> str:
+        return "device" if self.device is not None else ("host" if self.host is not None else "disk")
+
+
+class AdapterManager:
+    def __init__(self, model, *, adapter_root: Path | None, device_memory: int, host_memory: int,
+                 max_lora_rank: int, load_on_demand: bool = True):
+        self.model = model
+        self.cfg = model.config
+        self.dtype, self.device = model.dtype, model.device
+        self.root = Path(adapter_root) if adapter_root else None
+        self.max_rank = max_lora_rank
+        self.host_limit = host_memory
+        self.load_on_demand = load_on_demand
+        dims = module_dims(self.cfg)
+        page = page_size_for([d for pair in dims.values() for d in pair])
+        elem = torch.empty(0, dtype=self.dtype).element_size()
+        self.pool = PagePool(max(1, device_memory // (page * elem)), page, self.dtype, self.device)
+        self.entries: dict[str, AdapterEntry] = {}
+        self.observer: AdapterObserver | None = None
+        self._lock = threading.RLock()
+        self._loading: dict[str, threading.Event] = {}
+        log.info("adapter pool: %d pages of %d elements (%.1f MiB on %s), host tier %.1f MiB, max rank %d",
+                 self.pool.num_pages, page, self.pool.nbytes / 2**20, self.device, host_memory / 2**20, max_lora_rank)
+
+    # -- registry (any thread) -------------------------------------------------------------------
+    def get(self, adapter_id: str) -> AdapterEntry | None:
+        with self._lock:
+            e = self.entries.get(adapter_id)
+            return None if e is None or e.unloading else e
+
+    def needs_load(self, adapter_id: str) -> bool:
+        """True when a request for this id must first load it from disk (unknown, or evicted to disk)."""
+        e = self.get(adapter_id)
+        return e is None or e.host is None
+
+    def load(self, adapter_id: str, path: Path | None = None) -> AdapterEntry:
+        """Disk -> host tier (blocking: call from a worker thread). Explicit path = admin LoadAdapter."""
+        check_adapter_id(adapter_id)
+        with self._lock:
+            e = self.entries.get(adapter_id)
+            if e is not None and e.unloading:
+                raise AdapterLoadError("not_found", f"adapter {adapter_id!r} is being unloaded; retry when it is gone")
+            if e is not None and e.host is not None and (path is None or Path(path).resolve() == e.path):
+                return e
+            if e is not None and path is not None and Path(path).resolve() != e.path:
+                raise AdapterLoadError("invalid", f"adapter id {adapter_id!r} is already loaded from {e.path}; "
+                                       "unload it first")
+            waiter = self._loading.get(adapter_id)
+            if waiter is None:
+                self._loading[adapter_id] = threading.Event()
+        if waiter is not None:  # someone else is loading it: wait for their result
+            waiter.wait()
+            e = self.get(adapter_id)
+            if e is None or e.host is None:
+                raise AdapterLoadError("not_found", f"adapter {adapter_id!r} failed to load (see the earlier error)")
+            return e
+        try:
+            t0 = time.perf_counter()
+            if path is None:
+                path = e.path if e is not None else resolve_adapter_dir(self.root, adapter_id)
+            path = Path(path).resolve()
+            adapter = load_lora_adapter(adapter_id, path, self.cfg, self.max_rank, self._base_weight, self.dtype)
+            need = sum(self.pool.pages_for(m.A.numel()) + self.pool.pages_for(m.Bt.numel())
+                       for m in adapter.modules.values())
+            if need > self.pool.num_pages:
+                raise AdapterLoadError("no_room", f"adapter {adapter_id!r} needs {need} pool pages "
+                                       f"({adapter.nbytes / 2**20:.1f} MiB) but the pool has {self.pool.num_pages}: "
+                                       "raise --adapter-memory")
+            with self._lock:
+                e = self.entries.get(adapter_id) or AdapterEntry(adapter_id, path, adapter.kind, adapter.rank,
+                                                                 adapter.nbytes)
+                e.host, e.last_used = adapter, time.monotonic()
+                self.entries[adapter_id] = e
+                self._trim_host()
+            dt = time.perf_counter() - t0
+            log.info("adapter %s loaded from %s: %s rank %d, %d modules, %.1f MiB in %.0f ms", adapter_id, path,
+                     adapter.kind, adapter.rank, len(adapter.modules), adapter.nbytes / 2**20, dt * 1000)
+            if self.observer:
+                self.observer.adapter_loaded("disk", dt)
+            return e
+        except AdapterLoadError as exc:
+            if self.observer:
+                self.observer.adapter_load_failed(exc.reason)
+            log.warning("adapter %s failed to load: %s", adapter_id, exc)
+            raise
+        finally:
+            with self._lock:
+                self._loading.pop(adapter_id).set()
+
+    def unload(self, adapter_id: str) -> int:
+        """Forget an adapter. Requests already using it finish first. -> how many are still running."""
+        with self._lock:
+            e = self.entries.get(adapter_id)
+            if e is None or e.unloading:
+                raise AdapterNotFoundError(f"adapter {adapter_id!r} is not loaded")
+            e.unloading = True
+            if e.refs == 0:
+                self._drop(e)
+            log.info("adapter %s unloaded%s", adapter_id, f" after {e.refs} running requests" if e.refs else "")
+            return e.refs
+
+    def acquire(self, adapter_id: str) -> AdapterEntry:
+        """A request will use this adapter (counted until release)."""
+        with self._lock:
+            e = self.entries.get(adapter_id)
+            if e is None or e.unloading or e.host is None:
+                raise AdapterNotFoundError(f"adapter {adapter_id!r} is not loaded")
+            e.refs += 1
+            e.last_used = time.monotonic()
+            return e
+
+    def release(self, adapter_id: str) -> None:
+        with self._lock:
+            e = self.entries.get(adapter_id)
+            if e is None:
+                return
+            e.refs -= 1
+            if e.unloading and e.refs == 0:
+                self._drop(e)
+
+    def infos(self) -> list[dict]:
+        with self._lock:
+            return [dict(adapter_id=e.adapter_id, kind=e.kind, rank=e.rank, resident=e.residency, path=str(e.path),
+                         bytes=e.nbytes, pins=e.pins, active_requests=e.refs)
+                    for e in sorted(self.entries.values(), key=lambda e: e.adapter_id) if not e.unloading]
+
+    def tier_counts(self) -> Counter:
+        with self._lock:
+            return Counter(e.residency for e in self.entries.values() if not e.unloading)
+
+    # -- residency (engine thread) -----------------------------------------------------------------
+    def make_resident(self, adapter_id: str) -> bool:
+        """Put the adapter in device pages (evicting unpinned LRU ones). False if it cannot be now."""
+        with self._lock:
+            e = self.entries.get(adapter_id)
+            if e is None or e.host is None:
+                return False
+            e.last_used = time.monotonic()
+            if e.device is not None:
+                return True
+            t0 = time.perf_counter()
+            mods = e.host.modules
+            need = sum(self.pool.pages_for(m.A.numel()) + self.pool.pages_for(m.Bt.numel()) for m in mods.values())
+            while self.pool.num_free < need:
+                victims = [v for v in self.entries.values() if v.device is not None and v.pins == 0 and v is not e]
+                if not victims:
+                    return False
+                self._evict(min(victims, key=lambda v: v.last_used))
+            try:
+                pages = self.pool.allocate(need)
+            except PoolFullError:
+                return False
+            e.pages, e.device, at = pages, {}, 0
+            for key, m in mods.items():
+                na, nb = self.pool.pages_for(m.A.numel()), self.pool.pages_for(m.Bt.numel())
+                pa, pb = pages[at:at + na], pages[at + na:at + na + nb]
+                at += na + nb
+                self.pool.write(pa, m.A)
+                self.pool.write(pb, m.Bt)
+                dm = DeviceModule(pa.to(self.device), pb.to(self.device), m.rank, m.A.shape[1], m.Bt.shape[1],
+                                  m.scale, None if m.dora_g is None else m.dora_g.to(self.device))
+                dm.A, dm.Bt = self._view(pa, m.A.shape), self._view(pb, m.Bt.shape)
+                e.device[key] = dm
+            if self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()
+            if self.observer:
+                self.observer.adapter_loaded("host", time.perf_counter() - t0)
+            return True
+
+    def pin(self, adapter_id: str) -> None:
+        with self._lock:
+            self.entries[adapter_id].pins += 1
+
+    def unpin(self, adapter_id: str) -> None:
+        with self._lock:
+            e = self.entries.get(adapter_id)
+            if e is not None:
+                e.pins -= 1
+
+    def modules(self, adapter_id: str) -> dict[tuple[int, str], DeviceModule]:
+        return self.entries[adapter_id].device
+
+    # -- internals ---------------------------------------------------------------------------------
+    def _view(self, pages: torch.Tensor, shape) -> torch.Tensor | None:
+        first, n = int(pages[0]), pages.numel()
+        if int(pages[-1]) - first != n - 1:
+            return None
+        return self.pool.buffer[first:first + n].view(-1)[:shape[0] * shape[1]].view(shape)
+
+    def _base_weight(self, layer: int, module: str) -> torch.Tensor:
+        return self.model.linear_weight(layer, module)
+
+    def _evict(self, e: AdapterEntry) -> None:
+        self.pool.free(e.pages)
+        e.pages, e.device = None, None
+        log.debug("adapter %s evicted from the device pool (kept in host memory)", e.adapter_id)
+
+    def _drop(self, e: AdapterEntry) -> None:
+        if e.device is not None:
+            self._evict(e)
+        e.host = None
+        self.entries.pop(e.adapter_id, None)
+
+    def _trim_host(self) -> None:
+        """Host tier over its limit: drop the host copies of least recently used idle adapters (to disk)."""
+        used = sum(e.nbytes for e in self.entries.values() if e.host is not None)
+        idle = sorted((e for e in self.entries.values() if e.host is not None and e.device is None and e.refs == 0),
+                      key=lambda e: e.last_used)
+        for e in idle:
+            if used <= self.host_limit:
+                break
+            e.host = None
+            used -= e.nbytes
+            log.debug("adapter %s dropped from host memory (reloads from %s)", e.adapter_id, e.path)
