@@ -84,6 +84,7 @@ class AdapterManager:
         self.pool = PagePool(max(1, device_memory // (page * elem)), page, self.dtype, self.device)
         self.entries: dict[str, AdapterEntry] = {}
         self.observer: AdapterObserver | None = None
+        self.num_evictions = 0
         self._lock = threading.RLock()
         self._loading: dict[str, threading.Event] = {}
         log.info("adapter pool: %d pages of %d elements (%.1f MiB on %s), host tier %.1f MiB, max rank %d",
@@ -260,6 +261,7 @@ class AdapterManager:
     def _evict(self, e: AdapterEntry) -> None:
         self.pool.free(e.pages)
         e.pages, e.device = None, None
+        self.num_evictions += 1
         log.debug("adapter %s evicted from the device pool (kept in host memory)", e.adapter_id)
 
     def _drop(self, e: AdapterEntry) -> None:

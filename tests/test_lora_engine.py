@@ -1,0 +1,98 @@
+"""LoRA-family adapters made by PEFT on the real SmolLM2, served by the engine in mixed batches:
+greedy tokens identical to PEFT running each adapter alone; a pool that holds two adapters still
+serves eight in rotation; every page comes back."""
+from __future__ import annotations
+
+import pytest
+
+from server.config import EngineConfig
+from server.engine.engine import LLMEngine
+from server.engine.errors import AdapterNotFoundError
+from server.engine.request import FinishReason, GenerateRequest, SamplingParams
+from tests.peft_adapters import ADAPTERS, NAMES, build_all, peft_greedy
+
+PROMPTS = ["The three most important things about", "def fibonacci(n):\n"]
+N_NEW = 12
+
+
+@pytest.fixture(scope="module")
+def root():
+    return build_all()
+
+
+def run(engine: LLMEngine, work: list[tuple[str | None, list[int]]], every: int = 1) -> list[list[int]]:
+    """Add requests staggered (one every `every` steps) and run to completion -> generated ids each."""
+    seqs, out, i, step = [], {}, 0, 0
+    while i < len(work) or engine.has_work():
+        if i < len(work) and step % every == 0:
+            adapter, ids = work[i]
+            s = engine.make_sequence(GenerateRequest(prompt_token_ids=ids, adapter_id=adapter,
+                                                     sampling=SamplingParams(max_new_tokens=N_NEW)))
+            engine.add(s)
+            seqs.append(s)
+            i += 1
+        for o in engine.step():
+            out.setdefault(o.request_id, []).extend(o.token_ids)
+            assert o.finish_reason is not FinishReason.ERROR, o.error
+        step += 1
+    return [out[s.request_id] for s in seqs]
+
+
+def test_mixed_adapter_batch_equals_peft(root):
+    engine = LLMEngine.from_config(EngineConfig(adapter_root=str(root)))
+    for name in NAMES:
+        engine.adapters.load(name)
+    kinds = {i["adapter_id"]: i["kind"] for i in engine.adapters.infos()}
+    assert kinds["dora-r8"] == "dora" and kinds["adalora"] == "adalora" and kinds["r4-qv"] == "lora"
+    work = [(name, engine.tokenizer(p).input_ids) for p in PROMPTS for name in (None, *NAMES)]
+    got = run(engine, work, every=1)
+    base = {tuple(ids): peft_greedy(None, tuple(ids), N_NEW) for _, ids in work}
+    for (name, ids), tokens in zip(work, got):
+        want = peft_greedy(name, tuple(ids), N_NEW)
+        assert tokens == want, f"adapter {name}"
+        if name is not None:
+            assert want != base[tuple(ids)] or name in ("r64-mlp",), f"{name} does not change the output: weak test"
+    assert engine.blocks.allocator.num_used == 0
+    assert all(i["pins"] == 0 and i["active_requests"] == 0 for i in engine.adapters.infos())
+
+
+def test_pool_of_two_serves_eight_in_rotation(root):
+    names = [n for n in NAMES if n != "r64-mlp"][:8]
+    probe = LLMEngine.from_config(EngineConfig(adapter_root=str(root)))
+    sizes = {n: probe.adapters.load(n).nbytes for n in names}
+    two = 2 * max(sizes.values())  # room for the two largest at once, not for all eight
+    engine = LLMEngine.from_config(EngineConfig(adapter_root=str(root), adapter_memory=two + 4096))
+    for n in names:
+        engine.adapters.load(n)
+    prompt = engine.tokenizer(PROMPTS[0]).input_ids
+    work = [(names[i % len(names)], prompt) for i in range(2 * len(names))]
+    got = run(engine, work, every=2)
+    for (name, ids), tokens in zip(work, got):
+        assert tokens == peft_greedy(name, tuple(ids), N_NEW), name
+    assert engine.adapters.num_evictions >= len(names) - 2  # they really rotated through the pool
+    assert engine.adapters.pool.num_used > 0
+    for n in names:
+        engine.adapters.unload(n)
+    assert engine.adapters.pool.num_used == 0 and engine.adapters.infos() == []
+
+
+def test_unload_while_requests_run_lets_them_finish(root):
+    engine = LLMEngine.from_config(EngineConfig(adapter_root=str(root)))
+    engine.adapters.load("r4-qv")
+    ids = engine.tokenizer(PROMPTS[0]).input_ids
+    seqs = [engine.make_sequence(GenerateRequest(prompt_token_ids=ids, adapter_id="r4-qv",
+                                                 sampling=SamplingParams(max_new_tokens=N_NEW))) for _ in range(2)]
+    for s in seqs:
+        engine.add(s)
+    out = {}
+    for o in engine.step():
+        out.setdefault(o.request_id, []).extend(o.token_ids)
+    assert engine.adapters.unload("r4-qv") == 2  # both still running
+    with pytest.raises(AdapterNotFoundError):
+        engine.make_sequence(GenerateRequest(prompt_token_ids=ids, adapter_id="r4-qv"))
+    while engine.has_work():
+        for o in engine.step():
+            out.setdefault(o.request_id, []).extend(o.token_ids)
+    want = peft_greedy("r4-qv", tuple(ids), N_NEW)
+    assert all(out[s.request_id] == want for s in seqs)
+    assert engine.adapters.pool.num_used == 0 and engine.adapters.get("r4-qv") is None
