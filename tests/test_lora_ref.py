@@ -73,5 +73,6 @@ def test_pool_pages_views_and_gathers():
     assert pb.numel() == 16 and not bool((pb[1:] - pb[:-1] == 1).all())
     pool.write(pb, b)
     assert torch.equal(ref_gather_rows(pool.buffer, pb, 16, 192), b)
+    pool.free(pb)
     with pytest.raises(RuntimeError):
-        pool.free(holes[0])  # double free
+        pool.free(pb)  # double free
