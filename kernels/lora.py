@@ -43,11 +43,14 @@ def ref_lora_add(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bt: torch.Te
 
 
 def ref_scale_rows(y: torch.Tensor, g: torch.Tensor, bias: torch.Tensor | None,
-                   rows: torch.Tensor | None = None) -> None:
+                   rows: torch.Tensor | slice | None = None) -> None:
     """Semantics: y[rows] = (y[rows] - bias) * g + bias, in place (DoRA's base part; IA3-style output scaling).
 
-    y: [T, out], g: [out], bias: [out] or None.
+    y: [T, out], g: [out], bias: [out] or None; rows: indices, a slice, or None for all.
     """
+    if isinstance(rows, slice):
+        y = y[rows]
+        rows = None
     if rows is None:
         if bias is not None:
             y.sub_(bias).mul_(g).add_(bias)

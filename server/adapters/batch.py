@@ -1,8 +1,11 @@
 """Per-step adapter metadata, built once for all layers, and the LoRA add at the linear seam.
 
-`token_slots[t]` is the slot of token t's adapter in `adapters` (-1 = base model only). Tokens of
-one adapter form a segment; segments are what the kernels iterate over. `apply` is called by every
-`Linear` with its layer index and output slices.
+`token_slots[t]` is the slot of token t's adapter in `adapter_ids` (-1 = base model only). The
+scheduler orders a step's sequences by adapter (within decodes and within prefills), so the tokens
+of one adapter form at most two contiguous ranges: its segment. Segments are what kernels iterate over. `apply` is called by every `Linear`
+with its layer index and output slices:
+    h = x[seg] @ A_cat.T                    (one shrink for all adapted slices of the fused layer)
+    y[seg, slice] += h[:, r0:r1] @ Bt       (Bt already scaled; DoRA: base part scaled by g first)
 """
 from __future__ import annotations
 
@@ -10,14 +13,14 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.lora import ref_gather_rows, ref_lora_add, ref_scale_rows
-from server.adapters.manager import DeviceModule
+from kernels.lora import ref_gather_rows, ref_scale_rows
+from server.adapters.layout import ResidentGroup
 
 
 @dataclass
 class Segment:
-    modules: dict[tuple[int, str], DeviceModule]
-    rows: torch.Tensor | None  # token rows [n] (int64); None = every token of the step
+    groups: dict[tuple[int, str], ResidentGroup]
+    rows: list[slice]  # contiguous token ranges of this adapter
 
 
 class LoraBatch:
@@ -30,37 +33,44 @@ class LoraBatch:
 
     @classmethod
     def build(cls, pool: torch.Tensor, spans: list[tuple[str | None, int, int]], num_tokens: int,
-              modules_of, device: torch.device) -> "LoraBatch | None":
+              groups_of, device: torch.device) -> "LoraBatch | None":
         """spans: (adapter id or None, first token row, token count) per sequence. None if no adapter runs."""
-        rows: dict[str, list[int]] = {}
+        rows: dict[str, list[tuple[int, int]]] = {}
         for adapter_id, start, n in spans:
             if adapter_id is not None:
-                rows.setdefault(adapter_id, []).extend(range(start, start + n))
+                rows.setdefault(adapter_id, []).append((start, n))
         if not rows:
             return None
         ids = list(rows)
         slots = torch.full((num_tokens,), -1, dtype=torch.int32)
         segments = []
         for slot, adapter_id in enumerate(ids):
-            r = torch.tensor(rows[adapter_id], dtype=torch.int64)
-            slots[r] = slot
-            segments.append(Segment(modules_of(adapter_id), None if r.numel() == num_tokens else r.to(device)))
+            ranges: list[slice] = []
+            for start, n in rows[adapter_id]:
+                if ranges and ranges[-1].stop == start:
+                    ranges[-1] = slice(ranges[-1].start, start + n)
+                else:
+                    ranges.append(slice(start, start + n))
+            for r in ranges:
+                slots[r] = slot
+            segments.append(Segment(groups_of(adapter_id), ranges))
         return cls(pool, ids, segments, slots.to(device))
 
     def apply(self, layer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y [T, out] = the base output of `layer` for x [T, in]; adds each token's adapter delta in place."""
-        li = layer.layer_idx
+        key = (layer.layer_idx, layer.slice_names[0])
         for seg in self.segments:
-            for name in layer.slice_names:
-                m = seg.modules.get((li, name))
-                if m is None:
-                    continue
-                start, end = layer.slice_offsets[name]
-                ys = y[:, start:end]
-                A = m.A if m.A is not None else ref_gather_rows(self.pool, m.a_pages, m.rank, m.in_features)
-                Bt = m.Bt if m.Bt is not None else ref_gather_rows(self.pool, m.bt_pages, m.rank, m.out_features)
-                if m.dora_g is not None:
-                    bias = None if layer.bias is None else layer.bias[start:end]
-                    ref_scale_rows(ys, m.dora_g, bias, seg.rows)
-                ref_lora_add(ys, x, A, Bt, m.scale, seg.rows)
+            g = seg.groups.get(key)
+            if g is None:
+                continue
+            A = g.A if g.A is not None else ref_gather_rows(self.pool, g.a_pages, g.rank, g.in_features)
+            for rows in seg.rows:
+                h = x[rows] @ A.t()  # [n, sum r]
+                for s in g.slices:
+                    Bt = s.Bt if s.Bt is not None else ref_gather_rows(self.pool, s.bt_pages, s.r1 - s.r0,
+                                                                       s.out_features)
+                    ys = y[rows, s.cols[0]:s.cols[1]]
+                    if s.dora_g is not None:
+                        ref_scale_rows(ys, s.dora_g, None if layer.bias is None else layer.bias[s.cols[0]:s.cols[1]])
+                    ys.addmm_(h[:, s.r0:s.r1], Bt)
         return y

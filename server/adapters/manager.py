@@ -22,7 +22,8 @@ import torch
 
 from loader.adapter_errors import AdapterLoadError
 from loader.adapter_paths import check_adapter_id, resolve_adapter_dir
-from loader.lora import LoraAdapter, load_lora_adapter, module_dims
+from loader.lora import load_lora_adapter, module_dims
+from server.adapters.layout import PackedAdapter, ResidentGroup, pack, place
 from server.adapters.pool import PagePool, PoolFullError, page_size_for
 from server.engine.errors import AdapterNotFoundError
 
@@ -35,28 +36,14 @@ class AdapterObserver(Protocol):
 
 
 @dataclass
-class DeviceModule:
-    """One adapted (layer, module) resident in the pool: page tables + views when the pages are consecutive."""
-    a_pages: torch.Tensor  # [r * in / page_size] int64
-    bt_pages: torch.Tensor  # [r * out / page_size]
-    rank: int
-    in_features: int
-    out_features: int
-    scale: float
-    dora_g: torch.Tensor | None
-    A: torch.Tensor | None = None  # [r, in] view into the pool, when contiguous
-    Bt: torch.Tensor | None = None  # [r, out]
-
-
-@dataclass
 class AdapterEntry:
     adapter_id: str
     path: Path
     kind: str
     rank: int
     nbytes: int
-    host: LoraAdapter | None = None
-    device: dict[tuple[int, str], DeviceModule] | None = None
+    host: PackedAdapter | None = None  # the serving form in host memory, in page order
+    device: dict[tuple[int, str], ResidentGroup] | None = None
     pages: torch.Tensor | None = None
     pins: int = 0  # running sequences
     refs: int = 0  # queued + running requests
@@ -128,8 +115,9 @@ class AdapterManager:
                 path = e.path if e is not None else resolve_adapter_dir(self.root, adapter_id)
             path = Path(path).resolve()
             adapter = load_lora_adapter(adapter_id, path, self.cfg, self.max_rank, self._base_weight, self.dtype)
-            need = sum(self.pool.pages_for(m.A.numel()) + self.pool.pages_for(m.Bt.numel())
-                       for m in adapter.modules.values())
+            # pinned host memory on CUDA: fast, asynchronous copies into the pool
+            packed = pack(adapter, self.model, self.pool.page_size, pin=self.device.type == "cuda")
+            need = packed.num_pages
             if need > self.pool.num_pages:
                 raise AdapterLoadError("no_room", f"adapter {adapter_id!r} needs {need} pool pages "
                                        f"({adapter.nbytes / 2**20:.1f} MiB) but the pool has {self.pool.num_pages}: "
@@ -137,7 +125,7 @@ class AdapterManager:
             with self._lock:
                 e = self.entries.get(adapter_id) or AdapterEntry(adapter_id, path, adapter.kind, adapter.rank,
                                                                  adapter.nbytes)
-                e.host, e.last_used = adapter, time.monotonic()
+                e.host, e.last_used = packed, time.monotonic()
                 self.entries[adapter_id] = e
                 self._trim_host()
             dt = time.perf_counter() - t0
@@ -207,8 +195,7 @@ class AdapterManager:
             if e.device is not None:
                 return True
             t0 = time.perf_counter()
-            mods = e.host.modules
-            need = sum(self.pool.pages_for(m.A.numel()) + self.pool.pages_for(m.Bt.numel()) for m in mods.values())
+            need = e.host.num_pages
             while self.pool.num_free < need:
                 victims = [v for v in self.entries.values() if v.device is not None and v.pins == 0 and v is not e]
                 if not victims:
@@ -218,17 +205,7 @@ class AdapterManager:
                 pages = self.pool.allocate(need)
             except PoolFullError:
                 return False
-            e.pages, e.device, at = pages, {}, 0
-            for key, m in mods.items():
-                na, nb = self.pool.pages_for(m.A.numel()), self.pool.pages_for(m.Bt.numel())
-                pa, pb = pages[at:at + na], pages[at + na:at + na + nb]
-                at += na + nb
-                self.pool.write(pa, m.A)
-                self.pool.write(pb, m.Bt)
-                dm = DeviceModule(pa.to(self.device), pb.to(self.device), m.rank, m.A.shape[1], m.Bt.shape[1],
-                                  m.scale, None if m.dora_g is None else m.dora_g.to(self.device))
-                dm.A, dm.Bt = self._view(pa, m.A.shape), self._view(pb, m.Bt.shape)
-                e.device[key] = dm
+            e.pages, e.device = pages, place(e.host, self.pool.buffer, pages, self.device)
             if self.device.type == "cuda":
                 torch.cuda.current_stream(self.device).synchronize()
             if self.observer:
@@ -245,16 +222,10 @@ class AdapterManager:
             if e is not None:
                 e.pins -= 1
 
-    def modules(self, adapter_id: str) -> dict[tuple[int, str], DeviceModule]:
+    def modules(self, adapter_id: str) -> dict[tuple[int, str], ResidentGroup]:
         return self.entries[adapter_id].device
 
     # -- internals ---------------------------------------------------------------------------------
-    def _view(self, pages: torch.Tensor, shape) -> torch.Tensor | None:
-        first, n = int(pages[0]), pages.numel()
-        if int(pages[-1]) - first != n - 1:
-            return None
-        return self.pool.buffer[first:first + n].view(-1)[:shape[0] * shape[1]].view(shape)
-
     def _base_weight(self, layer: int, module: str) -> torch.Tensor:
         return self.model.linear_weight(layer, module)
 

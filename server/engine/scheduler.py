@@ -111,7 +111,8 @@ class Scheduler:
         batch = ScheduledBatch(preempted=preempted)
         # A sequence preempted after it was picked (to make room for an older one) sits out.
         picked = [(s, n) for s, n in picked if s.status is SequenceStatus.RUNNING]
-        for seq, n in sorted(picked, key=lambda p: p[1] != 1):  # stable: decodes first
+        # decodes first (attention splits there); within each part, one adapter's tokens stay together
+        for seq, n in sorted(picked, key=lambda p: (p[1] != 1, p[0].adapter_id or "")):
             batch.seqs.append(seq)
             batch.num_tokens.append(n)
         return batch

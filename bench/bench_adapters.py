@@ -1,0 +1,159 @@
+"""Mixed-adapter throughput and adapter load latency (the embedded SmolLM2).
+
+32 concurrent requests (all arriving at once), each with its own prompt, using 1, 8 or 32 distinct
+LoRA adapters (r=16 on all linear layers), against the same load on the base model alone, and
+against PEFT's mixed-batch `generate(adapter_names=...)` on the same prompts (left-padded, one
+batch). Then adapter load latency: from disk (read + validate + convert) and from host memory
+(copy into pool pages after an eviction).
+
+    python bench/bench_adapters.py [--requests 32] [--new-tokens 32] [--skip-peft]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from loader.lora import module_dims  # noqa: E402
+from server.config import EngineConfig  # noqa: E402
+from server.engine.engine import LLMEngine  # noqa: E402
+from server.engine.request import GenerateRequest, SamplingParams  # noqa: E402
+
+CACHE = Path(__file__).resolve().parent.parent / ".cache" / "bench-adapters"
+PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+          "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+
+
+def make_adapters(cfg, n: int, rank: int) -> list[str]:
+    """n PEFT-format LoRA adapters (r=rank, all linear layers, random weights) under CACHE."""
+    names = []
+    for i in range(n):
+        name = f"r{rank}-all-{i:02d}"
+        out = CACHE / name
+        names.append(name)
+        if (out / "adapter_model.safetensors").exists():
+            continue
+        g = torch.Generator().manual_seed(i)
+        tensors = {}
+        for layer in range(cfg.num_hidden_layers):
+            for mod, (fin, fout) in module_dims(cfg).items():
+                key = f"base_model.model.model.layers.{layer}.{PARENT[mod]}.{mod}"
+                tensors[f"{key}.lora_A.weight"] = torch.randn(rank, fin, generator=g) / fin ** 0.5
+                tensors[f"{key}.lora_B.weight"] = torch.randn(fout, rank, generator=g) * 0.02
+        out.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (out / "adapter_config.json").write_text(json.dumps({
+            "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank,
+            "target_modules": sorted(PARENT), "bias": "none", "lora_dropout": 0.0}))
+    return names
+
+
+def workload(tokenizer, n: int, new_tokens: int) -> list[list[int]]:
+    words = (Path(__file__).resolve().parent.parent / "tests" / "data" / "prose.txt").read_text().split()
+    return [tokenizer(" ".join(words[i * 37:i * 37 + 24 + (i * 13) % 64])).input_ids for i in range(n)]
+
+
+def run_ours(engine: LLMEngine, prompts, adapters, new_tokens: int) -> float:
+    for i, ids in enumerate(prompts):
+        engine.add(engine.make_sequence(GenerateRequest(
+            prompt_token_ids=ids, adapter_id=adapters[i % len(adapters)] if adapters else None,
+            sampling=SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))))
+    t0, generated = time.perf_counter(), 0
+    while engine.has_work():
+        generated += sum(len(o.token_ids) for o in engine.step())
+    return generated / (time.perf_counter() - t0)
+
+
+def run_peft(model, prompts, adapter_names, new_tokens: int) -> float:
+    width = max(map(len, prompts))
+    ids = torch.tensor([[2] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        model.generate(input_ids=ids, attention_mask=mask, adapter_names=adapter_names, max_new_tokens=new_tokens,
+                       min_new_tokens=new_tokens, do_sample=False, pad_token_id=2)
+    return len(prompts) * new_tokens / (time.perf_counter() - t0)
+
+
+def pct(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--distinct", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--skip-peft", action="store_true")
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+
+    engine = LLMEngine.from_config(EngineConfig(device=args.device, adapter_root=str(CACHE),
+                                                adapter_memory=2 << 30, max_num_seqs=64))
+    names = make_adapters(engine.model_config, max(args.distinct), args.rank)
+    for n in names:
+        engine.adapters.load(n)
+    prompts = workload(engine.tokenizer, args.requests, args.new_tokens)
+    run_ours(engine, prompts[:2], None, 2)  # warm-up
+    rows = [("base only", run_ours(engine, prompts, None, args.new_tokens))]
+    for k in args.distinct:
+        rows.append((f"{k} distinct", run_ours(engine, prompts, names[:k], args.new_tokens)))
+        print(f"  ours {rows[-1][0]}: {rows[-1][1]:.1f} tok/s", flush=True)
+    peft_tps = None
+    if not args.skip_peft:
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        from tests.oracle import hf_smollm2_dir
+        base = AutoModelForCausalLM.from_pretrained(hf_smollm2_dir(), dtype=torch.float32).eval()
+        k = max(args.distinct)
+        model = PeftModel.from_pretrained(base, CACHE / names[0], adapter_name=names[0])
+        for n in names[1:k]:
+            model.load_adapter(CACHE / n, adapter_name=n)
+        peft_tps = run_peft(model, prompts, [names[i % k] for i in range(len(prompts))], args.new_tokens)
+        print(f"  PEFT {k} distinct mixed: {peft_tps:.1f} tok/s", flush=True)
+
+    # load latency: disk (unload + load) and host (evict from the pool + make resident)
+    disk, host = [], []
+    mgr = engine.adapters
+    for n in names:
+        mgr.unload(n)
+        t0 = time.perf_counter()
+        mgr.load(n)
+        disk.append(time.perf_counter() - t0)
+        mgr.make_resident(n)
+    for n in names:
+        mgr._evict(mgr.entries[n])
+        t0 = time.perf_counter()
+        assert mgr.make_resident(n)
+        host.append(time.perf_counter() - t0)
+
+    base_tps = rows[0][1]
+    mib = mgr.entries[names[0]].nbytes / 2**20
+    print(f"\nSmolLM2-135M fp32 on {args.device} ({torch.get_num_threads()} threads); {args.requests} concurrent "
+          f"requests, {args.new_tokens} new tokens each; adapters r={args.rank} on all linear layers "
+          f"({mib:.1f} MiB each)\n")
+    print("| load | tok/s | vs base only | vs PEFT mixed |")
+    print("|---|---:|---:|---:|")
+    for label, tps in rows:
+        vs_peft = f"{tps / peft_tps:.2f}x" if peft_tps and label.startswith(f"{max(args.distinct)} ") else ""
+        print(f"| {label} | {tps:.1f} | {tps / base_tps:.2f}x | {vs_peft} |")
+    if peft_tps:
+        print(f"| PEFT {max(args.distinct)} distinct, mixed batch | {peft_tps:.1f} | {peft_tps / base_tps:.2f}x | 1.00x |")
+    print(f"\nadapter load latency over {len(names)} adapters: disk p50 {pct(disk, .5) * 1000:.1f} ms, "
+          f"p99 {pct(disk, .99) * 1000:.1f} ms; host p50 {pct(host, .5) * 1000:.2f} ms, "
+          f"p99 {pct(host, .99) * 1000:.2f} ms")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""How one adapter sits in pool pages: packed once at load, viewed every step.
+
+The host copy of an adapter is one flat buffer in page order. For each fused linear layer of the
+model (q/k/v, o, gate/up, down) it holds the A rows of every adapted slice back to back, then each
+slice's Bt rows (already multiplied by the scale; DoRA's g folded in by the loader), so that
+    h = x @ A_cat.T          one shrink for all slices of the fused layer   [n, sum r]
+    y[:, slice] += h[:, r0:r1] @ Bt_slice                                    one expand per slice
+Making an adapter resident is then one copy of that buffer into its pages.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from loader.lora import LoraAdapter
+
+
+@dataclass
+class SliceLayout:
+    name: str  # HF module name, e.g. "k_proj"
+    cols: tuple[int, int]  # output columns of the fused layer
+    r0: int  # rows of A_cat (columns of h) that belong to this slice
+    r1: int
+    bt_pages: tuple[int, int]  # [start, end) page offsets in the adapter's buffer
+    out_features: int
+    dora_g: torch.Tensor | None
+
+
+@dataclass
+class GroupLayout:
+    """The adapted slices of one fused Linear."""
+    a_pages: tuple[int, int]
+    in_features: int
+    rank: int  # sum of the slices' ranks
+    slices: list[SliceLayout]
+
+
+@dataclass
+class PackedAdapter:
+    flat: torch.Tensor  # [num_pages * page_size], host memory
+    num_pages: int
+    groups: dict[tuple[int, str], GroupLayout]  # (layer, first slice name of the fused Linear) -> layout
+
+
+def pack(adapter: LoraAdapter, model, page_size: int, pin: bool) -> PackedAdapter:
+    """Lay the adapter out in page order (A_cat then Bt per fused layer) in one host buffer."""
+    parts, groups, at = [], {}, 0
+    by_linear: dict[tuple[int, str], list[str]] = {}
+    for layer, mod in sorted(adapter.modules):
+        lin = model.linear(layer, mod)
+        by_linear.setdefault((layer, lin.slice_names[0]), []).append(mod)
+    for (layer, first), mods in sorted(by_linear.items()):
+        lin = model.linear(layer, first)
+        mods = [m for m in lin.slice_names if m in mods]  # the fused order
+        ms = [adapter.modules[(layer, m)] for m in mods]
+        a = torch.cat([m.A for m in ms])  # [sum r, in]
+        a_start = at
+        parts.append(a.reshape(-1))
+        at += a.numel() // page_size
+        slices, r = [], 0
+        for name, m in zip(mods, ms):
+            bt = (m.Bt * m.scale).reshape(-1)
+            parts.append(bt)
+            slices.append(SliceLayout(name, lin.slice_offsets[name], r, r + m.rank, (at, at + bt.numel() // page_size),
+                                      m.Bt.shape[1], m.dora_g))
+            at += bt.numel() // page_size
+            r += m.rank
+        groups[(layer, first)] = GroupLayout((a_start, a_start + a.numel() // page_size), a.shape[1], r, slices)
+    flat = torch.cat(parts)
+    assert flat.numel() == at * page_size, "row widths must be multiples of the page size"
+    if pin:
+        flat = flat.pin_memory()
+    return PackedAdapter(flat, at, groups)
+
+
+@dataclass
+class ResidentSlice:
+    name: str
+    cols: tuple[int, int]
+    r0: int
+    r1: int
+    bt_pages: torch.Tensor  # page ids in the pool
+    Bt: torch.Tensor | None  # [r, out] view into the pool when its pages are consecutive
+    out_features: int
+    dora_g: torch.Tensor | None
+
+
+@dataclass
+class ResidentGroup:
+    a_pages: torch.Tensor
+    A: torch.Tensor | None  # [sum r, in] view into the pool when consecutive
+    in_features: int
+    rank: int
+    slices: list[ResidentSlice]
+
+
+def _view(pool: torch.Tensor, pages: torch.Tensor, rows: int, width: int) -> torch.Tensor | None:
+    first, n = int(pages[0]), pages.numel()
+    if int(pages[-1]) - first != n - 1:
+        return None
+    return pool[first:first + n].view(rows, width)
+
+
+def place(packed: PackedAdapter, pool: torch.Tensor, pages: torch.Tensor,
+          device: torch.device) -> dict[tuple[int, str], ResidentGroup]:
+    """Copy the packed buffer into `pages` of the pool [num_pages, page_size] and build the views."""
+    p = pool.shape[1]
+    first, n = int(pages[0]), pages.numel()
+    if int(pages[-1]) - first == n - 1:  # one contiguous run: a single copy
+        pool[first:first + n].view(-1).copy_(packed.flat, non_blocking=True)
+    else:
+        pool.index_copy_(0, pages.to(pool.device), packed.flat.view(-1, p).to(pool.device, non_blocking=True))
+    dev_pages = pages.to(device)
+    out = {}
+    for key, g in packed.groups.items():
+        ap = dev_pages[g.a_pages[0]:g.a_pages[1]]
+        slices = []
+        for s in g.slices:
+            bp = dev_pages[s.bt_pages[0]:s.bt_pages[1]]
+            slices.append(ResidentSlice(s.name, s.cols, s.r0, s.r1, bp, _view(pool, bp, s.r1 - s.r0, s.out_features),
+                                        s.out_features, None if s.dora_g is None else s.dora_g.to(device)))
+        out[key] = ResidentGroup(ap, _view(pool, ap, g.rank, g.in_features), g.in_features, g.rank, slices)
+    return out
