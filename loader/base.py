@@ -32,11 +32,13 @@ class LoadedModel:
     source: str  # the directory or .gguf file
 
 
-def load_base_model(path: str | None = None, dtype: torch.dtype | None = None) -> LoadedModel:
+def load_base_model(path: str | None = None, dtype: torch.dtype | None = None,
+                    keep_quantized: bool = False) -> LoadedModel:
     """None -> the embedded SmolLM2; a directory -> Hugging Face safetensors; a *.gguf file -> GGUF.
 
     dtype None keeps the checkpoint dtype (fp32 for GGUF, which is dequantized); otherwise floating tensors
-    are converted. config.dtype stays the checkpoint's.
+    are converted. config.dtype stays the checkpoint's. keep_quantized: GGUF Q4_0/Q4_1/Q8_0 linear weights
+    stay packed (kernels.quant.QuantizedWeight, lossless) instead of being dequantized.
     """
     source = Path(default_model_path() if path is None else path).expanduser()
     t0 = time.monotonic()
@@ -45,16 +47,17 @@ def load_base_model(path: str | None = None, dtype: torch.dtype | None = None) -
         cfg, weights, tokenizer = load_hf_dir(source)
     elif source.is_file() and source.suffix.lower() == ".gguf":
         log.info("loading the GGUF file %s (%.1f MiB)", source, source.stat().st_size / 2**20)
-        cfg, weights, tokenizer = load_gguf(source)
+        cfg, weights, tokenizer = load_gguf(source, keep_quantized)
     elif source.exists():
         raise ModelLoadError(f"{source}: expected a Hugging Face model directory or a .gguf file")
     else:
         raise ModelLoadError(f"{source}: no such file or directory")
     if dtype is not None:
-        weights = {n: t.to(dtype) if t.is_floating_point() else t for n, t in weights.items()}
+        weights = {n: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+                   for n, t in weights.items()}
     if tokenizer.chat_template is None:
         log.warning("%s has no chat template: only raw prompts can be served", source)
-    numel = sum(t.numel() for t in weights.values())
+    numel = sum(t.numel() if isinstance(t, torch.Tensor) else t.shape[0] * t.shape[1] for t in weights.values())
     log.info("loaded %s: %s, %d layers, %.1fM parameters, %s, in %.1fs", cfg.name, cfg.architecture,
              cfg.num_hidden_layers, numel / 1e6, str(dtype or cfg.dtype).removeprefix("torch."),
              time.monotonic() - t0)

@@ -19,11 +19,12 @@ def open_gguf(path: Path) -> GGUFReader:
         raise ModelLoadError(f"{path}: not a valid GGUF file ({type(e).__name__}: {e})") from e
 
 
-def load_gguf(path: Path):
-    """-> (ModelConfig, fp32 weights with HF names, tokenizer with the GGUF's chat template)."""
+def load_gguf(path: Path, keep_quantized: bool = False):
+    """-> (ModelConfig, weights with HF names (fp32, or packed QuantizedWeight for Q4_0/Q4_1/Q8_0 linear
+    weights with keep_quantized), tokenizer with the GGUF's chat template)."""
     reader = open_gguf(path)
     cfg = config_from_gguf(reader, path)
-    weights = load_gguf_weights(reader, cfg, path)
+    weights = load_gguf_weights(reader, cfg, path, keep_quantized)
     tokenizer = gguf_tokenizer(path)
     if tokenizer.chat_template is None:
         tokenizer.chat_template = field(reader, "tokenizer.chat_template", None)

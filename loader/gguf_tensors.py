@@ -15,6 +15,7 @@ from gguf import GGMLQuantizationType, GGUFReader, ReaderTensor
 from gguf.quants import dequantize
 from tqdm import tqdm
 
+from kernels.quant import QuantizedWeight, from_ggml_blocks
 from loader.config import ModelConfig
 from loader.errors import ModelLoadError
 from loader.names import check_tensors, expected_shapes
@@ -71,8 +72,15 @@ def rope_heads(cfg: ModelConfig, name: str) -> int | None:
     return {"q_proj": cfg.num_attention_heads, "k_proj": cfg.num_key_value_heads}.get(proj)
 
 
-def load_gguf_weights(reader: GGUFReader, cfg: ModelConfig, path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor `cfg` needs, dequantized to fp32, q/k un-permuted, HF-named, in the config's order."""
+PACKED_TYPES = {GGMLQuantizationType.Q4_0: "Q4_0", GGMLQuantizationType.Q4_1: "Q4_1", GGMLQuantizationType.Q8_0: "Q8_0"}
+_LINEAR = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight", "gate_proj.weight", "up_proj.weight",
+           "down_proj.weight")
+
+
+def load_gguf_weights(reader: GGUFReader, cfg: ModelConfig, path: Path,
+                      keep_quantized: bool = False) -> dict[str, torch.Tensor | QuantizedWeight]:
+    """Every tensor `cfg` needs, q/k un-permuted, HF-named, in the config's order: dequantized to fp32, or,
+    with keep_quantized, linear weights stored as Q4_0/Q4_1/Q8_0 converted losslessly to QuantizedWeight."""
     expected = expected_shapes(cfg)
     located: dict[str, ReaderTensor] = {}
     found: dict[str, tuple[tuple[int, ...], str]] = {}
@@ -88,9 +96,15 @@ def load_gguf_weights(reader: GGUFReader, cfg: ModelConfig, path: Path) -> dict[
     if skipped:
         log.warning("%s: ignoring %d tensor(s) the config does not use: %s", path.name, len(skipped),
                     ", ".join(skipped[:6]))
-    weights: dict[str, torch.Tensor] = {}
+    weights: dict[str, torch.Tensor | QuantizedWeight] = {}
     for name in tqdm(expected, desc=f"reading {path.name}", unit="tensor", leave=False, disable=None):
         raw, qtype, shape = read_gguf_tensor(located[name])
+        if keep_quantized and qtype in PACKED_TYPES and name.endswith(_LINEAR) and shape[1] % 32 == 0:
+            blocks = np.ascontiguousarray(raw).reshape(shape[0], -1)  # [out, bytes]: blocks never span rows
+            if (n_head := rope_heads(cfg, name)) is not None:
+                blocks = unpermute_rope_rows(blocks, n_head)
+            weights[name] = from_ggml_blocks(torch.from_numpy(np.array(blocks)), PACKED_TYPES[qtype], shape[1])
+            continue
         values = dequantize_gguf(raw, qtype, shape, f"{located[name].name} in {path}")
         if (n_head := rope_heads(cfg, name)) is not None:
             values = unpermute_rope_rows(values, n_head)

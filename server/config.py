@@ -21,6 +21,8 @@ class EngineConfig:
     max_model_len: int | None = None  # None = the model's max_position_embeddings
     default_max_new_tokens: int = 256  # used when a request asks for 0
     seed: int = 0
+    quantize: str = "auto"  # auto (GGUF Q4/Q8 stay packed, others dense) | none | int8 | int4
+    quant_group_size: int = 128  # int4 groups along the input dimension (32, 64 or 128)
     # adapters
     adapter_root: str | None = None  # directory whose subdirectories are adapters (ids = relative paths)
     adapter_memory: int = 512 << 20  # bytes of the device adapter pool
@@ -35,6 +37,10 @@ class EngineConfig:
             problems.append(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.dtype not in ("auto", *_DTYPES):
             problems.append(f"dtype must be auto, {', '.join(_DTYPES)}, got {self.dtype!r}")
+        if self.quantize not in ("auto", "none", "int8", "int4"):
+            problems.append(f"quantize must be auto, none, int8 or int4, got {self.quantize!r}")
+        if self.quant_group_size not in (32, 64, 128):
+            problems.append(f"quant_group_size must be 32, 64 or 128, got {self.quant_group_size}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             problems.append(f"block_size must be a power of two, got {self.block_size}")
         for name in ("kv_cache_memory", "max_num_seqs", "adapter_memory", "max_lora_rank", "max_loras", "max_num_batched_tokens", "max_queue",

@@ -41,6 +41,11 @@ class LLMEngine:
         self.model = LlamaModel(mc, self.dtype, self.device)
         self.model.load_weights(loaded.weights)
         self.model.eval()
+        tq = time.monotonic()
+        self.model.quantize(cfg.quantize, cfg.quant_group_size)
+        self.quantization = self._describe_quantization()
+        log.info("linear layers: %s (%.1f MiB resident, %.2fs to convert)", self.quantization,
+                 sum(lin.nbytes for lin in self.model.linears()) / 2**20, time.monotonic() - tq)
         bytes_per_block = mc.num_hidden_layers * 2 * cfg.block_size * mc.num_key_value_heads * mc.head_dim \
             * torch.empty(0, dtype=self.dtype).element_size()
         num_blocks = cfg.kv_cache_memory // bytes_per_block
@@ -63,11 +68,16 @@ class LLMEngine:
 
     @classmethod
     def from_config(cls, cfg: EngineConfig) -> "LLMEngine":
-        return cls(cfg, load_base_model(cfg.model))
+        return cls(cfg, load_base_model(cfg.model, keep_quantized=cfg.quantize != "none"))
 
     @property
     def weight_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+        return self.model.weight_bytes
+
+    def _describe_quantization(self) -> str:
+        kinds = {(f"int{q.bits} g{q.group_size}" if q.group_size != q.shape[1] else f"int{q.bits} per-channel")
+                 if (q := lin.qweight) is not None else "dense" for lin in self.model.linears()}
+        return ", ".join(sorted(kinds))
 
     # -- admission ---------------------------------------------------------------------------
     def prompt_ids(self, request: GenerateRequest) -> list[int]:

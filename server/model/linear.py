@@ -12,6 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.quant import QuantizedWeight, quantize_int4, quantize_int8, ref_dequantize
+from kernels.quant_matmul import quant_linear_for
+
 
 class AdapterApplier(Protocol):
     """Per-step adapter state (built once per step for all layers); see the LoRA issue."""
@@ -22,7 +25,8 @@ class AdapterApplier(Protocol):
 class Linear(nn.Module):
     """y[t] = x[t] @ W.T (+ b), then each token's own adapter delta, for fused output slices.
 
-    x: [T, in_features] -> y: [T, sum(out_slices)].
+    x: [T, in_features] -> y: [T, sum(out_slices)]. W is either a dense weight or a QuantizedWeight
+    (int4/int8, kernels/quant.py) whose matmul implementation is chosen once, when it is set.
     """
 
     def __init__(self, in_features: int, out_slices: dict[str, int], bias: bool, *, layer_idx: int,
@@ -42,20 +46,87 @@ class Linear(nn.Module):
                                    requires_grad=False)
         self.bias = (nn.Parameter(torch.zeros(self.out_features, dtype=dtype, device=device), requires_grad=False)
                      if bias else None)
+        self.qweight: QuantizedWeight | None = None
+        self._qmatmul = None  # the quantized matmul for this device, set with qweight
+        self._packed_slices: dict[str, QuantizedWeight] = {}  # packed slices arriving one by one at load
+
+    @property
+    def nbytes(self) -> int:
+        w = self.qweight.nbytes if self.qweight is not None else self.weight.numel() * self.weight.element_size()
+        return w + (0 if self.bias is None else self.bias.numel() * self.bias.element_size())
 
     def forward(self, x: torch.Tensor, adapters: AdapterApplier | None = None) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        if self.qweight is not None:
+            y = self._qmatmul(x, self.qweight, self.bias)
+        else:
+            y = F.linear(x, self.weight, self.bias)
         if adapters is not None:
             y = adapters.apply(self, x, y)
         return y
 
     def slice_weight(self, name: str) -> torch.Tensor:
-        """The [out, in] weight of one output slice, as the forward pass uses it."""
+        """The [out, in] weight of one output slice, as the forward pass uses it (dequantized)."""
         start, end = self.slice_offsets[name]
+        if self.qweight is not None:
+            return ref_dequantize(self.qweight.rows(start, end), self.bias.dtype if self.bias is not None
+                                  else torch.float32)
         return self.weight[start:end]
+
+    # -- quantization -----------------------------------------------------------------------------
+    def set_quantized(self, qw: QuantizedWeight) -> None:
+        if qw.shape != (self.out_features, self.in_features):
+            raise ValueError(f"layer {self.layer_idx}: quantized weight {qw.shape}, expected "
+                             f"{(self.out_features, self.in_features)}")
+        device = self.bias.device if self.bias is not None else (self.weight.device if self.weight is not None
+                                                                 else torch.device("cpu"))
+        self.qweight = qw.to(device)
+        self._qmatmul = quant_linear_for(device)
+        self.weight = None  # the dense copy is gone: this is where the memory goes down
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.weight.data if self.qweight is None else ref_dequantize(self.qweight)
+
+    def quantize_(self, bits: int, group_size: int) -> None:
+        """Round-to-nearest from the dense weight (or from an existing quantized one of another format)."""
+        if self.qweight is not None and self.qweight.bits == bits:
+            return
+        w = self.dense_weight().float()
+        self.set_quantized(quantize_int4(w, group_size) if bits == 4 else quantize_int8(w))
+
+    def dequantize_(self, dtype: torch.dtype) -> None:
+        if self.qweight is None:
+            return
+        self.weight = nn.Parameter(ref_dequantize(self.qweight, dtype), requires_grad=False)
+        self.qweight, self._qmatmul = None, None
+
+    def load_packed_slice(self, name: str, qw: QuantizedWeight) -> None:
+        """Take one packed projection; when every slice is in, the fused layer becomes quantized."""
+        start, end = self.slice_offsets[name]
+        if qw.shape != (end - start, self.in_features):
+            raise ValueError(f"layer {self.layer_idx} {name}: weight shape {qw.shape}, expected "
+                             f"{(end - start, self.in_features)}")
+        self._packed_slices[name] = qw
+        if len(self._packed_slices) == len(self.slice_names):
+            parts = [self._packed_slices.pop(n) for n in self.slice_names]
+            try:
+                self.set_quantized(QuantizedWeight.cat(parts))
+            except ValueError:  # slices in different GGML types: fall back to a dense fused weight
+                with torch.no_grad():
+                    for n, p in zip(self.slice_names, parts):
+                        s0, s1 = self.slice_offsets[n]
+                        self.weight[s0:s1].copy_(ref_dequantize(p))
 
     def load_slice(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         """Copy one Hugging Face projection ([out, in] weight, [out] bias) into its slice."""
+        if isinstance(weight, QuantizedWeight):
+            self.load_packed_slice(name, weight)
+            if bias is not None:
+                s0, s1 = self.slice_offsets[name]
+                with torch.no_grad():
+                    self.bias[s0:s1].copy_(bias)
+            return
+        if self.weight is None:
+            raise ValueError(f"layer {self.layer_idx} {name}: a dense slice for a quantized layer")
         start, end = self.slice_offsets[name]
         expected = (end - start, self.in_features)
         if tuple(weight.shape) != expected:

@@ -120,6 +120,27 @@ class LlamaModel(nn.Module):
         """The served [out, in] weight of one HF module (dequantized if the base is quantized)."""
         return self.linear(layer, module).slice_weight(module)
 
+    def linears(self) -> list[Linear]:
+        return [m for m in self.modules() if isinstance(m, Linear)]
+
+    @property
+    def weight_bytes(self) -> int:
+        """Resident bytes of all weights (quantized linear layers at their packed size)."""
+        dense = sum(p.numel() * p.element_size() for p in self.parameters())
+        return dense + sum(lin.qweight.nbytes for lin in self.linears() if lin.qweight is not None)
+
+    def quantize(self, method: str, group_size: int = 128) -> None:
+        """Every linear layer (not embeddings, norms or the LM head) to `method`: int4 | int8 | none | auto.
+
+        auto keeps what was loaded (GGUF Q4/Q8 stay packed, dense stays dense)."""
+        for lin in self.linears():
+            if method == "none":
+                lin.dequantize_(self.dtype)
+            elif method in ("int4", "int8"):
+                lin.quantize_(4 if method == "int4" else 8, group_size)
+            elif method != "auto":
+                raise ValueError(f"quantization must be auto, none, int4 or int8, got {method!r}")
+
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         """Copy Hugging Face-named tensors into the fused layout; every parameter must be covered."""
         loaded: set[str] = set()
