@@ -102,3 +102,23 @@ def peft_greedy(name: str | None, prompt_ids: tuple[int, ...], max_new_tokens: i
     table[key] = ids
     cache.write_text(json.dumps(table))
     return ids
+
+
+def peft_greedy_on_weights(linear_weight, name: str | None, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """PEFT's greedy generate on SmolLM2 whose linear weights are replaced by linear_weight(layer, module)
+    (e.g. the dequantized weights a quantized engine serves)."""
+    from peft import PeftModel
+
+    model = base_model()
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers):
+            for block, mods in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+                                ("mlp", ("gate_proj", "up_proj", "down_proj"))):
+                for mod in mods:
+                    getattr(getattr(layer, block), mod).weight.copy_(linear_weight(i, mod))
+    if name is not None:
+        model = PeftModel.from_pretrained(model, build(name)).eval()
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids),
+                             dtype=torch.long), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=2)
+    return out[0, len(prompt_ids):].tolist()

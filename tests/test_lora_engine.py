@@ -96,3 +96,17 @@ def test_unload_while_requests_run_lets_them_finish(root):
     want = peft_greedy("r4-qv", tuple(ids), N_NEW)
     assert all(out[s.request_id] == want for s in seqs)
     assert engine.adapters.pool.num_used == 0 and engine.adapters.get("r4-qv") is None
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_mixed_adapters_on_requantized_base_equal_peft_on_same_weights(root, quantize):
+    from tests.peft_adapters import peft_greedy_on_weights
+
+    engine = LLMEngine.from_config(EngineConfig(adapter_root=str(root), quantize=quantize, quant_group_size=64))
+    names = ["r8-all-linear", "dora-r8", "adalora"]
+    for name in names:
+        engine.adapters.load(name)
+    ids = engine.tokenizer(PROMPTS[0]).input_ids
+    got = run(engine, [(n, ids) for n in (None, *names)])
+    for name, tokens in zip((None, *names), got):
+        assert tokens == peft_greedy_on_weights(engine.model.linear_weight, name, ids, N_NEW), name
