@@ -33,6 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
     m.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="activation/weight dtype; auto = float32 on cpu, bfloat16 on cuda")
+    m.add_argument("--quantize", default="auto", choices=["auto", "none", "int8", "int4"],
+                   help="weight-only quantization of the linear layers: auto keeps a GGUF's Q4_0/Q4_1/Q8_0 "
+                   "packed (lossless) and full-precision checkpoints dense; int8 = per output channel; int4 = "
+                   "group-wise (--quant-group-size); none = dequantize everything")
+    m.add_argument("--quant-group-size", type=int, default=128, choices=[32, 64, 128],
+                   help="int4 group size along the input dimension when quantizing a full-precision model")
     m.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
 
     e = ap.add_argument_group("engine")
@@ -94,7 +100,8 @@ def configs(args: argparse.Namespace):
     for f in (args.tls_cert, args.tls_key, args.tls_client_ca):
         if f is not None and not f.is_file():
             raise SystemExit(f"{f}: no such file")
-    engine = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory,
+    engine = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, quantize=args.quantize,
+                          quant_group_size=args.quant_group_size, kv_cache_memory=args.kv_cache_memory,
                           block_size=args.block_size, max_num_seqs=args.max_num_seqs,
                           max_num_batched_tokens=args.max_num_batched_tokens, max_queue=args.max_queue,
                           max_model_len=args.max_model_len, default_max_new_tokens=args.default_max_new_tokens,

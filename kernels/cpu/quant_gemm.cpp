@@ -39,12 +39,15 @@ void int4_rows(const float* x, int64_t B, int64_t K, const uint8_t* q, const at:
         const float sc = h2f(s[n * ng + g]);
         const int64_t nb = std::min<int64_t>(G, K - g * G) / 32;  // the last group may be shorter
 #if defined(__AVX512F__)
-        // fold the scale into the weights once per block, keep partial sums in vectors (one reduce per row)
-        const __m512 vs = _mm512_set1_ps(sc);
+        // a 16-entry table of this group's dequantized values, q * scale (the min is in y already):
+        // each nibble becomes its weight with one permute, no int->float conversion
+        const __m512 table = _mm512_mul_ps(_mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                           _mm512_set1_ps(sc));
         for (int64_t blk = 0; blk < nb; ++blk) {
           const int64_t k0 = g * G + blk * 32;
-          const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qn + k0 / 2));
-          const __m512 lo = _mm512_mul_ps(lo_nibbles(bytes), vs), hi = _mm512_mul_ps(hi_nibbles(bytes), vs);
+          const __m512i b32 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qn + k0 / 2)));
+          const __m512 lo = _mm512_permutexvar_ps(b32, table);  // permutexvar reads the low 4 bits only
+          const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b32, 4), table);
           for (int r = 0; r < nr; ++r) {
             const float* xr = x + (b0 + r) * K + k0;
             acc[r] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xr), acc[r]);

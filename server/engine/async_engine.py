@@ -73,7 +73,8 @@ class AsyncEngine:
         return {"model": e.model_config.name, "source": e.loaded.source, "device": str(e.device),
                 "dtype": str(e.dtype).removeprefix("torch."), "weight_bytes": e.weight_bytes,
                 "kv_bytes": e.runner.kv_cache_bytes, "kv_blocks": e.blocks.allocator.num_blocks,
-                "block_size": e.cfg.block_size, "max_model_len": e.max_model_len}
+                "block_size": e.cfg.block_size, "max_model_len": e.max_model_len,
+                "quantization": e.quantization}
 
     def stats(self) -> EngineStats:
         s, a, ad = self.engine.scheduler, self.engine.blocks.allocator, self.engine.adapters
