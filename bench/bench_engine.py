@@ -88,6 +88,7 @@ def main() -> None:
     ap.add_argument("--max-prompt", type=int, default=384)
     ap.add_argument("--min-new", type=int, default=32)
     ap.add_argument("--max-new", type=int, default=128)
+    ap.add_argument("--quantize", default="none", help="none (fp32, like transformers; the default), auto (the GGUF's Q4_1 packed), int8, int4")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -99,6 +100,7 @@ def main() -> None:
     from tests.oracle import hf_smollm2_dir
     dtype = getattr(torch, args.dtype)
     engine = LLMEngine.from_config(EngineConfig(device=args.device, dtype=args.dtype, kv_cache_memory=1 << 30,
+                                                quantize=args.quantize,
                                                 max_num_seqs=64, max_num_batched_tokens=512))
     hf = AutoModelForCausalLM.from_pretrained(hf_smollm2_dir(), dtype=dtype).to(args.device).eval()
     # warm-up both
@@ -115,7 +117,7 @@ def main() -> None:
         print(f"  N={n}: ours {tok_ours} tok in {t_ours:.2f}s, transformers {tok_hf} tok in {t_hf:.2f}s", flush=True)
 
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu x{torch.get_num_threads()} threads"
-    print(f"\nSmolLM2-135M {args.dtype} on {dev}; prompts {args.min_prompt}-{args.max_prompt} tok, "
+    print(f"\nSmolLM2-135M {args.dtype}, weights {engine.quantization}, on {dev}; prompts {args.min_prompt}-{args.max_prompt} tok, "
           f"new {args.min_new}-{args.max_new} tok; ours staggered every {args.stagger_ms:g} ms\n")
     print("| concurrent | tessera tok/s | transformers tok/s | ratio |")
     print("|---:|---:|---:|---:|")
