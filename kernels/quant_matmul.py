@@ -18,7 +18,7 @@ import torch
 from kernels.quant import QuantizedWeight, ref_dequantize
 
 log = logging.getLogger("tessera.kernels")
-GEMV_MAX_ROWS = 64  # above this many rows (prefill), dequantize once and use one sgemm
+GEMV_MAX_ROWS = 16  # above this many rows, dequantize once and use one sgemm (measured crossover)
 
 
 def ref_quant_linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:

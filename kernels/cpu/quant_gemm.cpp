@@ -13,114 +13,127 @@
 
 namespace {
 
-constexpr int kRows = 16;  // batch rows sharing one pass over the weights (16 zmm accumulators)
 
 inline float h2f(at::Half h) { return static_cast<float>(h); }
 
+
+// NR batch rows at a time, NR a compile-time constant so the accumulators stay in registers; two
+// accumulators per row (low and high nibbles) hide the FMA latency.
+template <int NR>
+void int4_block(const float* x, int64_t K, const uint8_t* qn, const at::Half* sn, int64_t G, int64_t ng, float* out,
+                int64_t ystride) {
 #if defined(__AVX512F__)
-inline __m512 lo_nibbles(__m128i b) { return _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_cvtepu8_epi32(b), _mm512_set1_epi32(0xF))); }
-inline __m512 hi_nibbles(__m128i b) { return _mm512_cvtepi32_ps(_mm512_srli_epi32(_mm512_cvtepu8_epi32(b), 4)); }
+  __m512 a0[NR], a1[NR];
+  for (int r = 0; r < NR; ++r) { a0[r] = _mm512_setzero_ps(); a1[r] = _mm512_setzero_ps(); }
+  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (int64_t g = 0; g < ng; ++g) {
+    // a 16-entry table of this group's values q * scale (the min terms are in y already): each
+    // nibble becomes its weight with one permute, no int->float conversion
+    const __m512 table = _mm512_mul_ps(iota, _mm512_set1_ps(h2f(sn[g])));
+    const int64_t nb = std::min<int64_t>(G, K - g * G) / 32;  // the last group may be shorter
+    for (int64_t blk = 0; blk < nb; ++blk) {
+      const int64_t k0 = g * G + blk * 32;
+      const __m512i b32 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qn + k0 / 2)));
+      const __m512 lo = _mm512_permutexvar_ps(b32, table);  // permutexvar reads the low 4 bits only
+      const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b32, 4), table);
+#pragma GCC unroll 8
+      for (int r = 0; r < NR; ++r) {
+        a0[r] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(x + r * K + k0), a0[r]);
+        a1[r] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x + r * K + k0 + 16), a1[r]);
+      }
+    }
+  }
+  for (int r = 0; r < NR; ++r) out[r * ystride] += _mm512_reduce_add_ps(_mm512_add_ps(a0[r], a1[r]));
+#else
+  for (int r = 0; r < NR; ++r) {
+    float acc = 0.f;
+    for (int64_t g = 0; g < ng; ++g) {
+      const float sc = h2f(sn[g]);
+      const int64_t nb = std::min<int64_t>(G, K - g * G) / 32;
+      float d = 0.f;
+      for (int64_t blk = 0; blk < nb; ++blk) {
+        const int64_t k0 = g * G + blk * 32;
+        for (int j = 0; j < 16; ++j) {
+          const uint8_t v = qn[k0 / 2 + j];
+          d += x[r * K + k0 + j] * float(v & 0xF) + x[r * K + k0 + j + 16] * float(v >> 4);
+        }
+      }
+      acc += sc * d;
+    }
+    out[r * ystride] += acc;
+  }
 #endif
+}
+
+template <int NR>
+void int8_block(const float* x, int64_t K, const int8_t* qn, const at::Half* sn, int64_t G, int64_t ng, float* out,
+                int64_t ystride) {
+#if defined(__AVX512F__)
+  __m512 a0[NR], a1[NR];
+  for (int r = 0; r < NR; ++r) { a0[r] = _mm512_setzero_ps(); a1[r] = _mm512_setzero_ps(); }
+  for (int64_t g = 0; g < ng; ++g) {
+    const __m512 vs = _mm512_set1_ps(h2f(sn[g]));
+    const int64_t nb = std::min<int64_t>(G, K - g * G) / 32;
+    for (int64_t blk = 0; blk < nb; ++blk) {
+      const int64_t k0 = g * G + blk * 32;
+      const __m512 a = _mm512_mul_ps(vs, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qn + k0)))));
+      const __m512 c = _mm512_mul_ps(vs, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qn + k0 + 16)))));
+#pragma GCC unroll 8
+      for (int r = 0; r < NR; ++r) {
+        a0[r] = _mm512_fmadd_ps(a, _mm512_loadu_ps(x + r * K + k0), a0[r]);
+        a1[r] = _mm512_fmadd_ps(c, _mm512_loadu_ps(x + r * K + k0 + 16), a1[r]);
+      }
+    }
+  }
+  for (int r = 0; r < NR; ++r) out[r * ystride] = _mm512_reduce_add_ps(_mm512_add_ps(a0[r], a1[r]));
+#else
+  for (int r = 0; r < NR; ++r) {
+    float acc = 0.f;
+    for (int64_t g = 0; g < ng; ++g) {
+      const int64_t nb = std::min<int64_t>(G, K - g * G) / 32;
+      float d = 0.f;
+      for (int64_t j = 0; j < nb * 32; ++j) d += x[r * K + g * G + j] * float(qn[g * G + j]);
+      acc += h2f(sn[g]) * d;
+    }
+    out[r * ystride] = acc;
+  }
+#endif
+}
+
+// Rows of the batch in chunks of 8, 4, 2, 1 (each a register-resident template instance: 8 rows use
+// 16 of the 32 zmm registers for accumulators).
+template <typename F8, typename F4, typename F2, typename F1>
+void by_chunks(int64_t B, F8 f8, F4 f4, F2 f2, F1 f1) {
+  int64_t b = 0;
+  for (; b + 8 <= B; b += 8) f8(b);
+  for (; b + 4 <= B; b += 4) f4(b);
+  for (; b + 2 <= B; b += 2) f2(b);
+  for (; b < B; ++b) f1(b);
+}
 
 void int4_rows(const float* x, int64_t B, int64_t K, const uint8_t* q, const at::Half* s,
                int64_t G, int64_t n0, int64_t n1, int64_t N, float* y) {
   const int64_t ng = (K + G - 1) / G;
-  for (int64_t b0 = 0; b0 < B; b0 += kRows) {
-    const int64_t nr = std::min<int64_t>(kRows, B - b0);
-    for (int64_t n = n0; n < n1; ++n) {
-      const uint8_t* qn = q + n * (K / 2);
-#if defined(__AVX512F__)
-      __m512 acc[kRows];
-      for (int r = 0; r < nr; ++r) acc[r] = _mm512_setzero_ps();
-#else
-      float acc[kRows] = {0};
-#endif
-      for (int64_t g = 0; g < ng; ++g) {
-        const float sc = h2f(s[n * ng + g]);
-        const int64_t nb = std::min<int64_t>(G, K - g * G) / 32;  // the last group may be shorter
-#if defined(__AVX512F__)
-        // a 16-entry table of this group's dequantized values, q * scale (the min is in y already):
-        // each nibble becomes its weight with one permute, no int->float conversion
-        const __m512 table = _mm512_mul_ps(_mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                           _mm512_set1_ps(sc));
-        for (int64_t blk = 0; blk < nb; ++blk) {
-          const int64_t k0 = g * G + blk * 32;
-          const __m512i b32 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qn + k0 / 2)));
-          const __m512 lo = _mm512_permutexvar_ps(b32, table);  // permutexvar reads the low 4 bits only
-          const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b32, 4), table);
-          for (int r = 0; r < nr; ++r) {
-            const float* xr = x + (b0 + r) * K + k0;
-            acc[r] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xr), acc[r]);
-            acc[r] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xr + 16), acc[r]);
-          }
-        }
-#else
-        for (int r = 0; r < nr; ++r) {
-          float d = 0.f;
-          for (int64_t blk = 0; blk < nb; ++blk) {
-            const int64_t k0 = g * G + blk * 32;
-            const float* xr = x + (b0 + r) * K + k0;
-            for (int j = 0; j < 16; ++j) {
-              const uint8_t v = qn[k0 / 2 + j];
-              d += xr[j] * float(v & 0xF) + xr[j + 16] * float(v >> 4);
-            }
-          }
-          acc[r] += sc * d;
-        }
-#endif
-      }
-#if defined(__AVX512F__)
-      for (int r = 0; r < nr; ++r) y[(b0 + r) * N + n] += _mm512_reduce_add_ps(acc[r]);
-#else
-      for (int r = 0; r < nr; ++r) y[(b0 + r) * N + n] += acc[r];
-#endif
-    }
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* qn = q + n * (K / 2);
+    const at::Half* sn = s + n * ng;
+    by_chunks(B, [&](int64_t b) { int4_block<8>(x + b * K, K, qn, sn, G, ng, y + b * N + n, N); },
+              [&](int64_t b) { int4_block<4>(x + b * K, K, qn, sn, G, ng, y + b * N + n, N); },
+              [&](int64_t b) { int4_block<2>(x + b * K, K, qn, sn, G, ng, y + b * N + n, N); },
+              [&](int64_t b) { int4_block<1>(x + b * K, K, qn, sn, G, ng, y + b * N + n, N); });
   }
 }
 
 void int8_rows(const float* x, int64_t B, int64_t K, const int8_t* q, const at::Half* s, int64_t G,
                int64_t n0, int64_t n1, int64_t N, float* y) {
   const int64_t ng = (K + G - 1) / G;
-  for (int64_t b0 = 0; b0 < B; b0 += kRows) {
-    const int64_t nr = std::min<int64_t>(kRows, B - b0);
-    for (int64_t n = n0; n < n1; ++n) {
-      const int8_t* qn = q + n * K;
-#if defined(__AVX512F__)
-      __m512 acc[kRows];
-      for (int r = 0; r < nr; ++r) acc[r] = _mm512_setzero_ps();
-#else
-      float acc[kRows] = {0};
-#endif
-      for (int64_t g = 0; g < ng; ++g) {
-        const float sc = h2f(s[n * ng + g]);
-        const int64_t nb = std::min<int64_t>(G, K - g * G) / 32;
-#if defined(__AVX512F__)
-        const __m512 vs = _mm512_set1_ps(sc);
-        for (int64_t blk = 0; blk < nb; ++blk) {
-          const int64_t k0 = g * G + blk * 32;
-          const __m512 a = _mm512_mul_ps(vs, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qn + k0)))));
-          const __m512 c = _mm512_mul_ps(vs, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qn + k0 + 16)))));
-          for (int r = 0; r < nr; ++r) {
-            const float* xr = x + (b0 + r) * K + k0;
-            acc[r] = _mm512_fmadd_ps(a, _mm512_loadu_ps(xr), acc[r]);
-            acc[r] = _mm512_fmadd_ps(c, _mm512_loadu_ps(xr + 16), acc[r]);
-          }
-        }
-#else
-        for (int r = 0; r < nr; ++r) {
-          float d = 0.f;
-          const float* xr = x + (b0 + r) * K + g * G;
-          for (int64_t j = 0; j < nb * 32; ++j) d += xr[j] * float(qn[g * G + j]);
-          acc[r] += sc * d;
-        }
-#endif
-      }
-#if defined(__AVX512F__)
-      for (int r = 0; r < nr; ++r) y[(b0 + r) * N + n] = _mm512_reduce_add_ps(acc[r]);
-#else
-      for (int r = 0; r < nr; ++r) y[(b0 + r) * N + n] = acc[r];
-#endif
-    }
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* qn = q + n * K;
+    const at::Half* sn = s + n * ng;
+    by_chunks(B, [&](int64_t b) { int8_block<8>(x + b * K, K, qn, sn, G, ng, y + b * N + n, N); },
+              [&](int64_t b) { int8_block<4>(x + b * K, K, qn, sn, G, ng, y + b * N + n, N); },
+              [&](int64_t b) { int8_block<2>(x + b * K, K, qn, sn, G, ng, y + b * N + n, N); },
+              [&](int64_t b) { int8_block<1>(x + b * K, K, qn, sn, G, ng, y + b * N + n, N); });
   }
 }
 
@@ -185,7 +198,11 @@ torch::Tensor int8_dequantize(torch::Tensor q, torch::Tensor s, int64_t G) {
   float* wp = w.data_ptr<float>();
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n)
-      for (int64_t k = 0; k < K; ++k) wp[n * K + k] = float(qp[n * K + k]) * h2f(sp[n * ng + k / G]);
+      for (int64_t g = 0; g < ng; ++g) {  // the scale hoisted per group: the inner loop vectorizes
+        const float sc = h2f(sp[n * ng + g]);
+        const int64_t k1 = std::min<int64_t>(K, (g + 1) * G);
+        for (int64_t k = g * G; k < k1; ++k) wp[n * K + k] = float(qp[n * K + k]) * sc;
+      }
   });
   return w;
 }
