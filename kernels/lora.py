@@ -11,16 +11,22 @@ from __future__ import annotations
 import torch
 
 
+def pool_view(pool: torch.Tensor, pages: torch.Tensor, rows: int, width: int) -> torch.Tensor | None:
+    """pool[pages] as a [rows, width] view when the pages are consecutive, else None (no copy made)."""
+    first, n = int(pages[0]), pages.numel()
+    if int(pages[-1]) - first != n - 1:  # pages are allocated ascending: consecutive iff the span fits
+        return None
+    return pool[first:first + n].view(rows, width)
+
+
 def ref_gather_rows(pool: torch.Tensor, pages: torch.Tensor, rows: int, width: int) -> torch.Tensor:
     """Semantics: concat(pool[pages[i]] for i) viewed as [rows, width].
 
     pool: [num_pages, page_size]; pages: [n] int (n * page_size == rows * width).
     Returns a view when the pages are consecutive, a copy otherwise.
     """
-    first, n = int(pages[0]), pages.numel()
-    if int(pages[-1]) - first == n - 1 and bool((pages[1:] - pages[:-1] == 1).all()):
-        return pool[first:first + n].view(rows, width)
-    return pool.index_select(0, pages.long()).view(rows, width)
+    view = pool_view(pool, pages, rows, width)
+    return view if view is not None else pool.index_select(0, pages.long()).view(rows, width)
 
 
 def ref_lora_add(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, scale: float,

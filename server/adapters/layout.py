@@ -13,7 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.lora import pool_view
 from loader.lora import LoraAdapter
+from server.adapters.pool import PagePool
 
 
 @dataclass
@@ -95,22 +97,11 @@ class ResidentGroup:
     slices: list[ResidentSlice]
 
 
-def _view(pool: torch.Tensor, pages: torch.Tensor, rows: int, width: int) -> torch.Tensor | None:
-    first, n = int(pages[0]), pages.numel()
-    if int(pages[-1]) - first != n - 1:
-        return None
-    return pool[first:first + n].view(rows, width)
-
-
-def place(packed: PackedAdapter, pool: torch.Tensor, pages: torch.Tensor,
+def place(packed: PackedAdapter, pool: PagePool, pages: torch.Tensor,
           device: torch.device) -> dict[tuple[int, str], ResidentGroup]:
-    """Copy the packed buffer into `pages` of the pool [num_pages, page_size] and build the views."""
-    p = pool.shape[1]
-    first, n = int(pages[0]), pages.numel()
-    if int(pages[-1]) - first == n - 1:  # one contiguous run: a single copy
-        pool[first:first + n].view(-1).copy_(packed.flat, non_blocking=True)
-    else:
-        pool.index_copy_(0, pages.to(pool.device), packed.flat.view(-1, p).to(pool.device, non_blocking=True))
+    """Copy the packed buffer into `pages` of the pool and build the views."""
+    pool.write(pages, packed.flat)
+    buf = pool.buffer
     dev_pages = pages.to(device)
     out = {}
     for key, g in packed.groups.items():
@@ -118,7 +109,7 @@ def place(packed: PackedAdapter, pool: torch.Tensor, pages: torch.Tensor,
         slices = []
         for s in g.slices:
             bp = dev_pages[s.bt_pages[0]:s.bt_pages[1]]
-            slices.append(ResidentSlice(s.name, s.cols, s.r0, s.r1, bp, _view(pool, bp, s.r1 - s.r0, s.out_features),
+            slices.append(ResidentSlice(s.name, s.cols, s.r0, s.r1, bp, pool_view(buf, bp, s.r1 - s.r0, s.out_features),
                                         s.out_features, None if s.dora_g is None else s.dora_g.to(device)))
-        out[key] = ResidentGroup(ap, _view(pool, ap, g.rank, g.in_features), g.in_features, g.rank, slices)
+        out[key] = ResidentGroup(ap, pool_view(buf, ap, g.rank, g.in_features), g.in_features, g.rank, slices)
     return out

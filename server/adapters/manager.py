@@ -114,7 +114,8 @@ class AdapterManager:
             if path is None:
                 path = e.path if e is not None else resolve_adapter_dir(self.root, adapter_id)
             path = Path(path).resolve()
-            adapter = load_lora_adapter(adapter_id, path, self.cfg, self.max_rank, self._base_weight, self.dtype)
+            adapter = load_lora_adapter(adapter_id, path, self.cfg, self.max_rank, self.model.linear_weight,
+                                        self.dtype)
             # pinned host memory on CUDA: fast, asynchronous copies into the pool
             packed = pack(adapter, self.model, self.pool.page_size, pin=self.device.type == "cuda")
             need = packed.num_pages
@@ -205,7 +206,7 @@ class AdapterManager:
                 pages = self.pool.allocate(need)
             except PoolFullError:
                 return False
-            e.pages, e.device = pages, place(e.host, self.pool.buffer, pages, self.device)
+            e.pages, e.device = pages, place(e.host, self.pool, pages, self.device)
             if self.device.type == "cuda":
                 torch.cuda.current_stream(self.device).synchronize()
             if self.observer:
@@ -226,9 +227,6 @@ class AdapterManager:
         return self.entries[adapter_id].device
 
     # -- internals ---------------------------------------------------------------------------------
-    def _base_weight(self, layer: int, module: str) -> torch.Tensor:
-        return self.model.linear_weight(layer, module)
-
     def _evict(self, e: AdapterEntry) -> None:
         self.pool.free(e.pages)
         e.pages, e.device = None, None

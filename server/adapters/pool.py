@@ -81,9 +81,11 @@ class PagePool:
         self._free[idx] = True
 
     def write(self, pages: torch.Tensor, data: torch.Tensor) -> None:
-        """Copy a tensor's elements into its pages (the last page zero-padded)."""
+        """Copy a tensor's elements into its pages (sized in whole pages): one copy when they are consecutive."""
         flat = data.reshape(-1)
-        padded = torch.zeros(pages.numel() * self.page_size, dtype=self.buffer.dtype, device=flat.device)
-        padded[:flat.numel()] = flat
-        self.buffer.index_copy_(0, pages.to(self.buffer.device),
-                                padded.view(-1, self.page_size).to(self.buffer.device, non_blocking=True))
+        first, n = int(pages[0]), pages.numel()
+        if int(pages[-1]) - first == n - 1:
+            self.buffer[first:first + n].view(-1).copy_(flat, non_blocking=True)
+        else:
+            self.buffer.index_copy_(0, pages.to(self.buffer.device),
+                                    flat.view(-1, self.page_size).to(self.buffer.device, non_blocking=True))
