@@ -10,6 +10,14 @@ from __future__ import annotations
 
 import torch
 
+# Per-adapter descriptor of one fused linear layer, an int32 row of DESC_FIELDS (the kernels' metadata):
+#   [a_vpage, rank, (bt_vpage, r0, r1) for each of up to MAX_SLICES output slices in fused order]
+# a_vpage: first virtual page of A_cat [rank, in]; rank 0 = the layer is not adapted.
+# Slice j: Bt_j [r1 - r0, width_j] from virtual page bt_vpage (scale folded in), using h[:, r0:r1];
+# r0 == r1 = the slice is not adapted.
+MAX_SLICES = 3
+DESC_FIELDS = 2 + 3 * MAX_SLICES
+
 
 def pool_view(pool: torch.Tensor, pages: torch.Tensor, rows: int, width: int) -> torch.Tensor | None:
     """pool[pages] as a [rows, width] view when the pages are consecutive, else None (no copy made)."""
@@ -27,6 +35,17 @@ def ref_gather_rows(pool: torch.Tensor, pages: torch.Tensor, rows: int, width: i
     """
     view = pool_view(pool, pages, rows, width)
     return view if view is not None else pool.index_select(0, pages.long()).view(rows, width)
+
+
+def ref_paged_rows(pool: torch.Tensor, page_table: torch.Tensor, vpage: int, rows: int, width: int) -> torch.Tensor:
+    """Semantics: the [rows, width] matrix stored from virtual page `vpage` of an adapter whose virtual
+    page i lives in physical page page_table[i] of the pool (element e of the matrix, row-major, sits
+    at virtual element vpage * page_size + e). Rows are whole pages (width % page_size == 0).
+
+    pool: [num_pages, page_size]; page_table: [>= vpage + rows * width / page_size] int.
+    """
+    n = rows * width // pool.shape[1]
+    return ref_gather_rows(pool, page_table[vpage:vpage + n], rows, width)
 
 
 def ref_lora_add(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, scale: float,
