@@ -5,7 +5,9 @@ cpp_extension) that fuses dequantization into the dot products for decode-sized 
 dequantizes once then runs one sgemm for prefill. torch's own `_weight_int8pack_mm` /
 `_weight_int4pack_mm_for_cpu` measured 6-40x slower than fp32 on this project's CPU with fp32
 activations (bench/RESULTS.md), so they are not used. Without a compiler: the reference.
-CUDA: the reference until the Triton kernels (kernels issue) land.
+CUDA: `triton_quant_linear`, one Triton kernel that dequantizes tiles of the packed weight in
+registers (never a dense copy in memory) and feeds tl.dot, for decode (GEMV-shaped, M <= 16: one row
+block) and prefill (GEMM tiles) alike.
 """
 from __future__ import annotations
 
@@ -14,8 +16,11 @@ import logging
 from pathlib import Path
 
 import torch
+import triton
+import triton.language as tl
 
 from kernels.quant import QuantizedWeight, ref_dequantize
+from kernels.triton_env import check, dot_in_fp32
 
 log = logging.getLogger("tessera.kernels")
 GEMV_MAX_ROWS = 16  # above this many rows, dequantize once and use one sgemm (measured crossover)
@@ -57,6 +62,73 @@ def cpu_quant_linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | N
     return torch.nn.functional.linear(x, dense, bias)
 
 
+@triton.jit
+def _quant_matmul_kernel(x_ptr, stride_x, q_ptr, stride_q, s_ptr, mn_ptr, stride_s, b_ptr, y_ptr, stride_y,
+                         M, N, K, G, BITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    kk = tl.arange(0, BLOCK_K)
+    m_ok = m < M
+    n_ok = n < N
+    n64 = n.to(tl.int64)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + kk
+        k_ok = k < K
+        w_ok = n_ok[:, None] & k_ok[None, :]
+        xt = tl.load(x_ptr + m.to(tl.int64)[:, None] * stride_x + k[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                     other=0.0)
+        g = k // G
+        scale = tl.load(s_ptr + n64[:, None] * stride_s + g[None, :], mask=w_ok, other=0.0).to(tl.float32)
+        if BITS == 4:
+            # GGML block order: byte j of each 32-value block holds value j (low nibble) and j + 16 (high)
+            byte = tl.load(q_ptr + n64[:, None] * stride_q + ((k // 32) * 16 + k % 16)[None, :], mask=w_ok, other=0)
+            val = ((byte >> (((k % 32) // 16) * 4)[None, :]) & 0xF).to(tl.float32)
+            lo = tl.load(mn_ptr + n64[:, None] * stride_s + g[None, :], mask=w_ok, other=0.0).to(tl.float32)
+            w = val * scale + lo
+        else:
+            w = tl.load(q_ptr + n64[:, None] * stride_q + k[None, :], mask=w_ok, other=0).to(tl.float32) * scale
+        w = w.to(x_ptr.dtype.element_ty)  # the weight as the reference rounds it for x's dtype
+        if DOT_FP32:
+            acc += tl.dot(xt.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+        else:
+            acc += tl.dot(xt, tl.trans(w))
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + m.to(tl.int64)[:, None] * stride_y + n[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
+
+
+def triton_quant_linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ dequantize(w).T (+ bias) with dequantization fused into the matmul. x: [..., K] -> [..., N]."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    M, K = x2.shape
+    N, Kw = w.shape
+    check(K == Kw, f"x has {K} features, the weight {Kw}")
+    check(x.dtype in (torch.float16, torch.bfloat16, torch.float32), f"x dtype {x.dtype}")
+    check(w.qweight.is_contiguous() and w.scales.is_contiguous() and (w.mins is None or w.mins.is_contiguous()),
+          "quantized tensors must be contiguous")
+    check(bias is None or bias.shape == (N,), "bias must be [N]")
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    if M == 0:
+        return y.reshape(*lead, N)
+    block_m = 16 if M <= 16 else (32 if M <= 32 else 64)
+    block_n = 64 if M <= 16 else 128
+    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
+    _quant_matmul_kernel[grid](x2, x2.stride(0), w.qweight, w.qweight.stride(0), w.scales,
+                               w.mins if w.mins is not None else w.scales, w.scales.stride(0),
+                               bias if bias is not None else y, y, y.stride(0), M, N, K, w.group_size,
+                               BITS=w.bits, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+                               BLOCK_K=64, DOT_FP32=dot_in_fp32(x.dtype))
+    return y.reshape(*lead, N)
+
+
 def quant_linear_for(device: torch.device):
     """The implementation for a device, picked once at start-up."""
-    return cpu_quant_linear if device.type == "cpu" else ref_quant_linear
+    return cpu_quant_linear if device.type == "cpu" else triton_quant_linear
