@@ -1,4 +1,4 @@
-"""Per-step adapter metadata, built once for all layers, and the LoRA add at the linear seam.
+"""Per-step adapter metadata, built once for all layers, and the LoRA add at the linear seam (torch path).
 
 `token_slots[t]` is the slot of token t's adapter in `adapter_ids` (-1 = base model only). The
 scheduler orders a step's sequences by adapter (within decodes and within prefills), so the tokens
@@ -6,6 +6,8 @@ of one adapter form at most two contiguous ranges: its segment. Segments are wha
 with its layer index and output slices:
     h = x[seg] @ A_cat.T                    (one shrink for all adapted slices of the fused layer)
     y[seg, slice] += h[:, r0:r1] @ Bt       (Bt already scaled; DoRA: base part scaled by g first)
+This is the CPU path: pool views and BLAS calls per segment. On CUDA the same step runs as two Triton
+launches per layer (server/adapters/kernel_batch.py).
 """
 from __future__ import annotations
 
@@ -15,6 +17,28 @@ import torch
 
 from kernels.lora import ref_gather_rows, ref_scale_rows
 from server.adapters.layout import ResidentGroup
+
+
+def adapter_ranges(spans: list[tuple[str | None, int, int]]) -> dict[str, list[slice]]:
+    """(adapter id or None, first row, count) per sequence -> each adapter's contiguous token ranges."""
+    out: dict[str, list[slice]] = {}
+    for adapter_id, start, n in spans:
+        if adapter_id is None:
+            continue
+        rs = out.setdefault(adapter_id, [])
+        if rs and rs[-1].stop == start:
+            rs[-1] = slice(rs[-1].start, start + n)
+        else:
+            rs.append(slice(start, start + n))
+    return out
+
+
+def scale_dora(layer, g: ResidentGroup, y: torch.Tensor, rows: slice) -> None:
+    """DoRA's base part for one adapter's tokens, before its LoRA add: y = (y - b) * g + b per DoRA slice."""
+    for s in g.slices:
+        if s.dora_g is not None:
+            c0, c1 = s.cols
+            ref_scale_rows(y[rows, c0:c1], s.dora_g, None if layer.bias is None else layer.bias[c0:c1])
 
 
 @dataclass
@@ -33,28 +57,18 @@ class LoraBatch:
 
     @classmethod
     def build(cls, pool: torch.Tensor, spans: list[tuple[str | None, int, int]], num_tokens: int,
-              groups_of, device: torch.device) -> "LoraBatch | None":
+              resident_of, device: torch.device) -> "LoraBatch | None":
         """spans: (adapter id or None, first token row, token count) per sequence. None if no adapter runs."""
-        rows: dict[str, list[tuple[int, int]]] = {}
-        for adapter_id, start, n in spans:
-            if adapter_id is not None:
-                rows.setdefault(adapter_id, []).append((start, n))
-        if not rows:
+        ranges = adapter_ranges(spans)
+        if not ranges:
             return None
-        ids = list(rows)
         slots = torch.full((num_tokens,), -1, dtype=torch.int32)
         segments = []
-        for slot, adapter_id in enumerate(ids):
-            ranges: list[slice] = []
-            for start, n in rows[adapter_id]:
-                if ranges and ranges[-1].stop == start:
-                    ranges[-1] = slice(ranges[-1].start, start + n)
-                else:
-                    ranges.append(slice(start, start + n))
-            for r in ranges:
+        for slot, (adapter_id, rs) in enumerate(ranges.items()):
+            for r in rs:
                 slots[r] = slot
-            segments.append(Segment(groups_of(adapter_id), ranges))
-        return cls(pool, ids, segments, slots.to(device))
+            segments.append(Segment(resident_of(adapter_id).groups, rs))
+        return cls(pool, list(ranges), segments, slots.to(device))
 
     def apply(self, layer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y [T, out] = the base output of `layer` for x [T, in]; adds each token's adapter delta in place."""
@@ -66,11 +80,9 @@ class LoraBatch:
             A = g.A if g.A is not None else ref_gather_rows(self.pool, g.a_pages, g.rank, g.in_features)
             for rows in seg.rows:
                 h = x[rows] @ A.t()  # [n, sum r]
+                scale_dora(layer, g, y, rows)
                 for s in g.slices:
                     Bt = s.Bt if s.Bt is not None else ref_gather_rows(self.pool, s.bt_pages, s.r1 - s.r0,
                                                                        s.out_features)
-                    ys = y[rows, s.cols[0]:s.cols[1]]
-                    if s.dora_g is not None:
-                        ref_scale_rows(ys, s.dora_g, None if layer.bias is None else layer.bias[s.cols[0]:s.cols[1]])
-                    ys.addmm_(h[:, s.r0:s.r1], Bt)
+                    y[rows, s.cols[0]:s.cols[1]].addmm_(h[:, s.r0:s.r1], Bt)
         return y

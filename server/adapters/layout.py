@@ -6,6 +6,8 @@ slice's Bt rows (already multiplied by the scale; DoRA's g folded in by the load
     h = x @ A_cat.T          one shrink for all slices of the fused layer   [n, sum r]
     y[:, slice] += h[:, r0:r1] @ Bt_slice                                    one expand per slice
 Making an adapter resident is then one copy of that buffer into its pages.
+For the Triton kernels the same layout is described by one int32 row per fused layer
+(kernels/lora.py: DESC_FIELDS) with offsets in the adapter's virtual pages, read through its page table.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.lora import pool_view
+from kernels.lora import DESC_FIELDS, pool_view
 from loader.lora import LoraAdapter
 from server.adapters.pool import PagePool
 
@@ -43,12 +45,15 @@ class PackedAdapter:
     flat: torch.Tensor  # [num_pages * page_size], host memory
     num_pages: int
     groups: dict[tuple[int, str], GroupLayout]  # (layer, first slice name of the fused Linear) -> layout
+    desc: torch.Tensor  # int32 [num Linears, DESC_FIELDS]: the same layout for the kernels
+    max_rank: int  # the largest sum of ranks over fused layers (width of the kernels' h)
 
 
 def pack(adapter: LoraAdapter, model, page_size: int, pin: bool) -> PackedAdapter:
     """Lay the adapter out in page order (A_cat then Bt per fused layer) in one host buffer."""
     parts, groups, at = [], {}, 0
     by_linear: dict[tuple[int, str], list[str]] = {}
+    desc = torch.zeros(len(model.linears()), DESC_FIELDS, dtype=torch.int32)
     for layer, mod in sorted(adapter.modules):
         lin = model.linear(layer, mod)
         by_linear.setdefault((layer, lin.slice_names[0]), []).append(mod)
@@ -61,9 +66,13 @@ def pack(adapter: LoraAdapter, model, page_size: int, pin: bool) -> PackedAdapte
         parts.append(a.reshape(-1))
         at += a.numel() // page_size
         slices, r = [], 0
+        d = desc[lin.key]
+        d[0], d[1] = a_start, a.shape[0]
         for name, m in zip(mods, ms):
             bt = (m.Bt * m.scale).reshape(-1)
             parts.append(bt)
+            j = 2 + 3 * lin.slice_names.index(name)
+            d[j], d[j + 1], d[j + 2] = at, r, r + m.rank
             slices.append(SliceLayout(name, lin.slice_offsets[name], r, r + m.rank, (at, at + bt.numel() // page_size),
                                       m.Bt.shape[1], m.dora_g))
             at += bt.numel() // page_size
@@ -73,7 +82,8 @@ def pack(adapter: LoraAdapter, model, page_size: int, pin: bool) -> PackedAdapte
     assert flat.numel() == at * page_size, "row widths must be multiples of the page size"
     if pin:
         flat = flat.pin_memory()
-    return PackedAdapter(flat, at, groups)
+    max_rank = max((g.rank for g in groups.values()), default=0)
+    return PackedAdapter(flat, at, groups, desc, max_rank)
 
 
 @dataclass
@@ -97,9 +107,19 @@ class ResidentGroup:
     slices: list[ResidentSlice]
 
 
-def place(packed: PackedAdapter, pool: PagePool, pages: torch.Tensor,
-          device: torch.device) -> dict[tuple[int, str], ResidentGroup]:
-    """Copy the packed buffer into `pages` of the pool and build the views."""
+@dataclass
+class Resident:
+    """An adapter in device pages: views for the torch path, page table + descriptors for the kernels."""
+    groups: dict[tuple[int, str], ResidentGroup]
+    page_table: torch.Tensor  # int32 [num_pages] on the device: virtual page -> pool page
+    desc: torch.Tensor  # int32 [num Linears, DESC_FIELDS] on the device
+    max_rank: int
+    adapted: frozenset[int]  # keys of the Linears this adapter targets
+    has_dora: bool
+
+
+def place(packed: PackedAdapter, pool: PagePool, pages: torch.Tensor, device: torch.device) -> Resident:
+    """Copy the packed buffer into `pages` of the pool and build the views and kernel metadata."""
     pool.write(pages, packed.flat)
     buf = pool.buffer
     dev_pages = pages.to(device)
@@ -112,4 +132,6 @@ def place(packed: PackedAdapter, pool: PagePool, pages: torch.Tensor,
             slices.append(ResidentSlice(s.name, s.cols, s.r0, s.r1, bp, pool_view(buf, bp, s.r1 - s.r0, s.out_features),
                                         s.out_features, None if s.dora_g is None else s.dora_g.to(device)))
         out[key] = ResidentGroup(ap, pool_view(buf, ap, g.rank, g.in_features), g.in_features, g.rank, slices)
-    return out
+    adapted = frozenset(torch.nonzero(packed.desc[:, 1]).flatten().tolist())
+    has_dora = any(s.dora_g is not None for g in packed.groups.values() for s in g.slices)
+    return Resident(out, dev_pages.to(torch.int32), packed.desc.to(device), packed.max_rank, adapted, has_dora)

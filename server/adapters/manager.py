@@ -23,7 +23,7 @@ import torch
 from loader.adapter_errors import AdapterLoadError
 from loader.adapter_paths import check_adapter_id, resolve_adapter_dir
 from loader.lora import load_lora_adapter, module_dims
-from server.adapters.layout import PackedAdapter, ResidentGroup, pack, place
+from server.adapters.layout import PackedAdapter, Resident, pack, place
 from server.adapters.pool import PagePool, PoolFullError, page_size_for
 from server.engine.errors import AdapterNotFoundError
 
@@ -43,7 +43,7 @@ class AdapterEntry:
     rank: int
     nbytes: int
     host: PackedAdapter | None = None  # the serving form in host memory, in page order
-    device: dict[tuple[int, str], ResidentGroup] | None = None
+    device: Resident | None = None
     pages: torch.Tensor | None = None
     pins: int = 0  # running sequences
     refs: int = 0  # queued + running requests
@@ -223,7 +223,7 @@ class AdapterManager:
             if e is not None:
                 e.pins -= 1
 
-    def modules(self, adapter_id: str) -> dict[tuple[int, str], ResidentGroup]:
+    def resident(self, adapter_id: str) -> Resident:
         return self.entries[adapter_id].device
 
     # -- internals ---------------------------------------------------------------------------------

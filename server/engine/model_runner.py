@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from server.adapters.batch import LoraBatch
+from server.adapters.kernel_batch import KernelLoraBatch
 from server.adapters.manager import AdapterManager
 from server.engine.scheduler import ScheduledBatch
 from server.engine.sequence import Sequence
@@ -23,6 +24,8 @@ class ModelRunner:
                                     cfg.head_dim, dtype=model.dtype, device=model.device)
         model.bind_kv_cache(self.kv_cache, block_size)
         self._block_offsets = torch.arange(block_size)
+        # the LoRA add: Triton SGMV kernels on CUDA, pool views + BLAS on the CPU (chosen once)
+        self.lora_batch = KernelLoraBatch if self.device.type == "cuda" else LoraBatch
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -38,14 +41,14 @@ class ModelRunner:
             return [], hidden.new_empty(0, self.model.config.vocab_size, dtype=torch.float32)
         return samplers, self.model.logits(hidden[sample_rows])
 
-    def _adapter_batch(self, batch: ScheduledBatch, num_tokens: int) -> LoraBatch | None:
+    def _adapter_batch(self, batch: ScheduledBatch, num_tokens: int) -> LoraBatch | KernelLoraBatch | None:
         if self.adapters is None or not any(s.adapter_id for s in batch.seqs):
             return None
         spans, start = [], 0
         for seq, n in zip(batch.seqs, batch.num_tokens):
             spans.append((seq.adapter_id, start, n))
             start += n
-        return LoraBatch.build(self.adapters.pool.buffer, spans, num_tokens, self.adapters.modules, self.device)
+        return self.lora_batch.build(self.adapters.pool.buffer, spans, num_tokens, self.adapters.resident, self.device)
 
     def _prepare(self, batch: ScheduledBatch):
         bs = self.block_size

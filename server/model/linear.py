@@ -34,6 +34,7 @@ class Linear(nn.Module):
         super().__init__()
         self.in_features = in_features
         self.layer_idx = layer_idx
+        self.key = 0  # index among the model's Linears, set by the model (adapter kernel metadata)
         self.slice_names = tuple(out_slices)
         self.slice_sizes = tuple(out_slices.values())
         self.out_features = sum(self.slice_sizes)

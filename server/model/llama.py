@@ -90,6 +90,8 @@ class LlamaModel(nn.Module):
             self.lm_head.weight.requires_grad_(False)
         inv_freq, scaling = rope_parameters(cfg)
         self.rope = RotaryEmbedding(inv_freq, scaling, cfg.max_position_embeddings, device)
+        for i, lin in enumerate(self.linears()):
+            lin.key = i  # row of per-adapter kernel descriptors (kernels/lora.py)
 
     def bind_kv_cache(self, kv_cache: torch.Tensor, block_size: int) -> None:
         """kv_cache: [layers, 2, num_blocks * block_size, KVH, D], allocated by the engine."""
