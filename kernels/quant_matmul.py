@@ -46,6 +46,16 @@ def cpu_extension():
         return None
 
 
+def dequantize(w: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """ref_dequantize through the fastest path for the device (the CPU extension when built)."""
+    ext = cpu_extension() if w.qweight.device.type == "cpu" else None
+    if ext is None:
+        return ref_dequantize(w, dtype)
+    dense = (ext.int4_dequantize(w.qweight, w.scales, w.mins, w.group_size) if w.bits == 4
+             else ext.int8_dequantize(w.qweight, w.scales, w.group_size))
+    return dense.to(dtype)
+
+
 def cpu_quant_linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     ext = cpu_extension()
     if ext is None or x.dtype != torch.float32:
@@ -57,9 +67,7 @@ def cpu_quant_linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | N
         else:
             y = ext.int8_linear(x, w.qweight, w.scales, w.group_size)
         return y if bias is None else y.add_(bias)
-    dense = (ext.int4_dequantize(w.qweight, w.scales, w.mins, w.group_size) if w.bits == 4
-             else ext.int8_dequantize(w.qweight, w.scales, w.group_size))
-    return torch.nn.functional.linear(x, dense, bias)
+    return torch.nn.functional.linear(x, dequantize(w), bias)
 
 
 @triton.jit
@@ -127,6 +135,25 @@ def triton_quant_linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor 
                                BITS=w.bits, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n,
                                BLOCK_K=64, DOT_FP32=dot_in_fp32(x.dtype))
     return y.reshape(*lead, N)
+
+
+class _QuantLinearGrad(torch.autograd.Function):
+    """A quantized matmul inside autograd (QLoRA): the frozen weight gets no gradient; the input's
+    gradient is grad_y @ dequantize(w), the weight dequantized only for the backward pass."""
+
+    @staticmethod
+    def forward(ctx, x, w: QuantizedWeight, bias, qmatmul):
+        ctx.w = w
+        return qmatmul(x, w, bias)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        return grad_y @ dequantize(ctx.w, grad_y.dtype), None, None, None
+
+
+def quant_linear_with_grad(qmatmul, x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    """qmatmul(x, w, bias), differentiable with respect to x."""
+    return _QuantLinearGrad.apply(x, w, bias, qmatmul)
 
 
 def quant_linear_for(device: torch.device):

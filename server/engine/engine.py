@@ -38,14 +38,10 @@ class LLMEngine:
         mc = loaded.config
         self.max_model_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         t0 = time.monotonic()
-        self.model = LlamaModel(mc, self.dtype, self.device)
-        self.model.load_weights(loaded.weights)
-        self.model.eval()
-        tq = time.monotonic()
-        self.model.quantize(cfg.quantize, cfg.quant_group_size)
+        self.model = LlamaModel.from_loaded(loaded, self.dtype, self.device, cfg.quantize, cfg.quant_group_size)
         self.quantization = self._describe_quantization()
-        log.info("linear layers: %s (%.1f MiB resident, %.2fs to convert)", self.quantization,
-                 sum(lin.nbytes for lin in self.model.linears()) / 2**20, time.monotonic() - tq)
+        log.info("linear layers: %s (%.1f MiB resident, %.2fs to load and convert)", self.quantization,
+                 sum(lin.nbytes for lin in self.model.linears()) / 2**20, time.monotonic() - t0)
         bytes_per_block = mc.num_hidden_layers * 2 * cfg.block_size * mc.num_key_value_heads * mc.head_dim \
             * torch.empty(0, dtype=self.dtype).element_size()
         num_blocks = cfg.kv_cache_memory // bytes_per_block

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.quant import QuantizedWeight, quantize_int4, quantize_int8, ref_dequantize
-from kernels.quant_matmul import quant_linear_for
+from kernels.quant_matmul import quant_linear_for, quant_linear_with_grad
 
 
 class AdapterApplier(Protocol):
@@ -58,7 +58,10 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor, adapters: AdapterApplier | None = None) -> torch.Tensor:
         if self.qweight is not None:
-            y = self._qmatmul(x, self.qweight, self.bias)
+            if x.requires_grad and torch.is_grad_enabled():  # training adapters below a quantized base
+                y = quant_linear_with_grad(self._qmatmul, x, self.qweight, self.bias)
+            else:
+                y = self._qmatmul(x, self.qweight, self.bias)
         else:
             y = F.linear(x, self.weight, self.bias)
         if adapters is not None:

@@ -6,10 +6,11 @@ and writes the paged KV cache through `AttentionMetadata`; every projection is a
 from __future__ import annotations
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from loader.config import ModelConfig
-from server.model.attention import AttentionMetadata, paged_attention, write_kv
+from server.model.attention import AttentionMetadata, DenseAttention, dense_attention, paged_attention, write_kv
 from server.model.layers import RMSNorm, RotaryEmbedding, apply_rotary, silu_and_mul
 from server.model.linear import AdapterApplier, Linear
 from server.model.rope import rope_parameters
@@ -18,6 +19,7 @@ from server.model.rope import rope_parameters
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int, dtype: torch.dtype, device: torch.device):
         super().__init__()
+        self.layer_idx = layer_idx
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
@@ -41,8 +43,11 @@ class Attention(nn.Module):
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, k, *rope)
-        write_kv(self.k_cache, self.v_cache, k, v, attn.slot_mapping)
-        o = paged_attention(q, self.k_cache, self.v_cache, attn, self.block_size, self.scale)
+        if isinstance(attn, DenseAttention):  # training: no cache
+            o = dense_attention(q, k, v, attn, self.layer_idx, self.scale)
+        else:
+            write_kv(self.k_cache, self.v_cache, k, v, attn.slot_mapping)
+            o = paged_attention(q, self.k_cache, self.v_cache, attn, self.block_size, self.scale)
         return self.o_proj(o.reshape(t, -1), adapters)
 
 
@@ -93,6 +98,16 @@ class LlamaModel(nn.Module):
         for i, lin in enumerate(self.linears()):
             lin.key = i  # row of per-adapter kernel descriptors (kernels/lora.py)
 
+    @classmethod
+    def from_loaded(cls, loaded, dtype: torch.dtype, device: torch.device, quantize: str = "auto",
+                    group_size: int = 128) -> "LlamaModel":
+        """The model the server runs (and the trainer trains on): weights in, linear layers quantized."""
+        model = cls(loaded.config, dtype, device)
+        model.load_weights(loaded.weights)
+        model.eval()
+        model.quantize(quantize, group_size)
+        return model
+
     def bind_kv_cache(self, kv_cache: torch.Tensor, block_size: int) -> None:
         """kv_cache: [layers, 2, num_blocks * block_size, KVH, D], allocated by the engine."""
         for i, layer in enumerate(self.layers):
@@ -100,12 +115,17 @@ class LlamaModel(nn.Module):
             layer.self_attn.v_cache = kv_cache[i, 1]
             layer.self_attn.block_size = block_size
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata,
-                adapters: AdapterApplier | None = None, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata | DenseAttention,
+                adapters: AdapterApplier | None = None, inputs_embeds: torch.Tensor | None = None,
+                checkpoint_layers: bool = False) -> torch.Tensor:
+        """checkpoint_layers: recompute each layer in backward (training's gradient checkpointing)."""
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         rope = self.rope(positions, x.dtype)
         for layer in self.layers:
-            x = layer(x, rope, attn, adapters)
+            if checkpoint_layers and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, rope, attn, adapters, use_reentrant=False)
+            else:
+                x = layer(x, rope, attn, adapters)
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
