@@ -18,7 +18,7 @@ from loader.hf_dir import load_hf_dir
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["LoadedModel", "ModelLoadError", "default_model_path", "load_base_model"]
+__all__ = ["LoadedModel", "ModelLoadError", "default_model_path", "load_base_model", "load_tokenizer"]
 
 log = logging.getLogger("tessera.loader")
 
@@ -30,6 +30,19 @@ class LoadedModel:
     tokenizer: "PreTrainedTokenizerBase"
     chat_template: str | None
     source: str  # the directory or .gguf file
+
+
+def load_tokenizer(path: str | None = None):
+    """Only the tokenizer of what load_base_model(path) would load (cheap: no weights are read)."""
+    from loader.hf_dir import load_tokenizer as dir_tokenizer
+    from loader.tokenizer_cache import gguf_tokenizer
+
+    source = Path(default_model_path() if path is None else path).expanduser()
+    if source.is_dir():
+        return dir_tokenizer(source)
+    if source.is_file() and source.suffix.lower() == ".gguf":
+        return gguf_tokenizer(source)
+    raise ModelLoadError(f"{source}: expected a Hugging Face model directory or a .gguf file")
 
 
 def load_base_model(path: str | None = None, dtype: torch.dtype | None = None,

@@ -1,0 +1,1 @@
+"""The adapter trainer (`python -m server.train`): data, trainable adapters, the training loop."""
