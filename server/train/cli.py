@@ -62,8 +62,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt-tuning-init", choices=("random", "text"), default=S, help="prompt: initialisation")
     g.add_argument("--prompt-tuning-init-text", default=S, help="prompt: the text for --prompt-tuning-init text")
     g = p.add_argument_group("training (transformers TrainingArguments)")
-    g.add_argument("--learning-rate", type=float, default=S, help="peak learning rate (lora 2e-4, prefix 1e-2, "
-                   "prompt 3e-2)")
+    g.add_argument("--learning-rate", type=float, default=S, help="peak learning rate (lora 2e-4, prefix 1e-2 "
+                   "or 1e-3 with --prefix-projection, prompt 3e-2)")
     g.add_argument("--num-train-epochs", type=float, default=S, help="epochs (3)")
     g.add_argument("--max-steps", type=int, default=S, help="optimizer steps; overrides epochs when > 0")
     g.add_argument("--per-device-train-batch-size", type=int, default=S, help="examples per micro-batch (8)")

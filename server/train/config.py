@@ -85,8 +85,8 @@ class TrainConfig:
             p.append("--method qlora trains on a quantized base: --quantize none contradicts it (use --method lora)")
         elif self.method != "qlora" and self.quantize in ("int4", "int8"):
             p.append(f"--quantize {self.quantize} is QLoRA: use --method qlora")
-        if self.learning_rate is None:
-            self.learning_rate = DEFAULT_LR[self.method]
+        if self.learning_rate is None:  # the reparameterization MLP wants a gentler step than a raw prefix
+            self.learning_rate = 1e-3 if self.method == "prefix" and self.prefix_projection else DEFAULT_LR[self.method]
         checks = [
             (self.r >= 1, "--r must be >= 1"), (self.lora_alpha > 0, "--lora-alpha must be > 0"),
             (0 <= self.lora_dropout < 1, "--lora-dropout must be in [0, 1)"),
