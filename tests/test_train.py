@@ -212,3 +212,18 @@ def test_bad_input_fails_fast_with_clear_messages(tmp_path):
                  "--target-modules", "--use-rslora", "--use-dora", "--num-virtual-tokens", "--prefix-projection",
                  "--prompt-tuning-init", "--validation-file", "--max-length", "--template"):
         assert flag in h.stdout, flag
+
+
+def test_torchrun_ddp_two_processes(tmp_path):
+    """The same command under torchrun (2 CPU processes, gloo): DDP wraps the adapter, rank 0 saves."""
+    out = tmp_path / "ddp"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "server.train",
+                        "--method", "lora", "--data", str(DEMO / "train.jsonl"), "--validation-file",
+                        str(DEMO / "valid.jsonl"), "--max-steps", "1", "--per-device-train-batch-size", "2",
+                        "--report-to", "none", "--output", str(out)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("trainable params:") == 1  # rank 0 reports
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 1 and state["config"]["method"] == "lora"
+    assert (out / WEIGHTS_FILE).exists()
