@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bytes of adapters kept in host memory behind the pool (LRU)")
     a.add_argument("--max-lora-rank", type=int, default=64, help="largest LoRA rank accepted")
     a.add_argument("--max-loras", type=int, default=32, help="distinct adapters in one batch")
+    a.add_argument("--adapter-kv-fraction", type=float, default=0.25,
+                   help="share of the KV cache that prefix/prompt-tuning adapters' shared prefixes may hold")
     a.add_argument("--no-load-on-demand", action="store_true",
                    help="a Generate naming an adapter that is not loaded gets NOT_FOUND instead of loading it "
                    "from --adapter-root")
@@ -108,7 +110,7 @@ def configs(args: argparse.Namespace):
                           adapter_root=str(args.adapter_root) if args.adapter_root else None,
                           adapter_memory=args.adapter_memory, adapter_host_memory=args.adapter_host_memory,
                           max_lora_rank=args.max_lora_rank, max_loras=args.max_loras,
-                          load_adapters_on_demand=not args.no_load_on_demand)
+                          adapter_kv_fraction=args.adapter_kv_fraction, load_adapters_on_demand=not args.no_load_on_demand)
     auth = Auth(admin_token=args.admin_token or os.environ.get("TESSERA_ADMIN_TOKEN") or None,
                 api_key=args.api_key or os.environ.get("TESSERA_API_KEY") or None,
                 allow_unauthenticated_admin=args.allow_unauthenticated_admin)

@@ -29,7 +29,8 @@ class EngineConfig:
     adapter_host_memory: int = 4 << 30  # bytes of adapters kept in host memory (LRU)
     max_lora_rank: int = 64
     max_loras: int = 32  # distinct adapters in one batch
-    load_adapters_on_demand: bool = True  # a Generate naming an unloaded id under adapter_root loads it
+    load_adapters_on_demand: bool = True
+    adapter_kv_fraction: float = 0.25  # share of the KV cache that prompt-learning adapters' prefixes may hold  # a Generate naming an unloaded id under adapter_root loads it
 
     def __post_init__(self) -> None:
         problems = []
@@ -47,6 +48,8 @@ class EngineConfig:
                      "default_max_new_tokens"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.adapter_kv_fraction <= 1:
+            problems.append(f"adapter_kv_fraction must be in (0, 1], got {self.adapter_kv_fraction}")
         if self.max_model_len is not None and self.max_model_len < 2:
             problems.append(f"max_model_len must be >= 2, got {self.max_model_len}")
         if problems:

@@ -86,3 +86,15 @@ class LoraBatch:
                                                                        s.out_features)
                     y[rows, s.cols[0]:s.cols[1]].addmm_(h[:, s.r0:s.r1], Bt)
         return y
+
+
+class StepAdapters:
+    """Several appliers in one step (LoRA tokens, IA3 tokens, ...): each touches only its own rows."""
+
+    def __init__(self, appliers: list):
+        self.appliers = appliers
+
+    def apply(self, layer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        for a in self.appliers:
+            y = a.apply(layer, x, y)
+        return y

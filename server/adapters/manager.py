@@ -22,7 +22,9 @@ import torch
 
 from loader.adapter_errors import AdapterLoadError
 from loader.adapter_paths import check_adapter_id, resolve_adapter_dir
-from loader.lora import load_lora_adapter, module_dims
+from loader.ia3 import Ia3Adapter, load_ia3_adapter
+from loader.lora import load_lora_adapter, module_dims, read_adapter_config
+from loader.prompt_adapter import PROMPT_TYPES, PromptAdapter, load_prompt_adapter
 from server.adapters.layout import PackedAdapter, Resident, pack, place
 from server.adapters.pool import PagePool, PoolFullError, page_size_for
 from server.engine.errors import AdapterNotFoundError
@@ -42,7 +44,9 @@ class AdapterEntry:
     kind: str
     rank: int
     nbytes: int
-    host: PackedAdapter | None = None  # the serving form in host memory, in page order
+    family: str = "lora"  # lora (pool pages) | prompt (shared KV blocks, server/adapters/kv_prefix.py) | ia3
+    # the serving form in host memory: LoRA packed in page order; prompt/IA3 adapters as loaded (IA3 on device)
+    host: PackedAdapter | PromptAdapter | Ia3Adapter | None = None
     device: Resident | None = None
     pages: torch.Tensor | None = None
     pins: int = 0  # running sequences
@@ -114,24 +118,17 @@ class AdapterManager:
             if path is None:
                 path = e.path if e is not None else resolve_adapter_dir(self.root, adapter_id)
             path = Path(path).resolve()
-            adapter = load_lora_adapter(adapter_id, path, self.cfg, self.max_rank, self.model.linear_weight,
-                                        self.dtype)
-            # pinned host memory on CUDA: fast, asynchronous copies into the pool
-            packed = pack(adapter, self.model, self.pool.page_size, pin=self.device.type == "cuda")
-            need = packed.num_pages
-            if need > self.pool.num_pages:
-                raise AdapterLoadError("no_room", f"adapter {adapter_id!r} needs {need} pool pages "
-                                       f"({adapter.nbytes / 2**20:.1f} MiB) but the pool has {self.pool.num_pages}: "
-                                       "raise --adapter-memory")
+            family, adapter, host = self._read(adapter_id, path)
             with self._lock:
                 e = self.entries.get(adapter_id) or AdapterEntry(adapter_id, path, adapter.kind, adapter.rank,
-                                                                 adapter.nbytes)
-                e.host, e.last_used = packed, time.monotonic()
+                                                                 adapter.nbytes, family)
+                e.host, e.last_used = host, time.monotonic()
                 self.entries[adapter_id] = e
                 self._trim_host()
             dt = time.perf_counter() - t0
-            log.info("adapter %s loaded from %s: %s rank %d, %d modules, %.1f MiB in %.0f ms", adapter_id, path,
-                     adapter.kind, adapter.rank, len(adapter.modules), adapter.nbytes / 2**20, dt * 1000)
+            log.info("adapter %s loaded from %s: %s%s, %.2f MiB in %.0f ms", adapter_id, path, adapter.kind,
+                     f" rank {adapter.rank}" if family == "lora" else
+                     f" {adapter.rank} virtual tokens" if family == "prompt" else "", adapter.nbytes / 2**20, dt * 1000)
             if self.observer:
                 self.observer.adapter_loaded("disk", dt)
             return e
@@ -143,6 +140,24 @@ class AdapterManager:
         finally:
             with self._lock:
                 self._loading.pop(adapter_id).set()
+
+    def _read(self, adapter_id: str, path: Path):
+        """Disk -> (family, the loaded adapter, its host serving form), by the config's peft_type."""
+        ptype = str(read_adapter_config(path).get("peft_type", "")).upper()
+        if ptype in PROMPT_TYPES:
+            a = load_prompt_adapter(adapter_id, path, self.cfg)
+            return "prompt", a, a
+        if ptype == "IA3":
+            a = load_ia3_adapter(adapter_id, path, self.cfg)
+            return "ia3", a, a.to(self.device, self.dtype)
+        adapter = load_lora_adapter(adapter_id, path, self.cfg, self.max_rank, self.model.linear_weight, self.dtype)
+        # pinned host memory on CUDA: fast, asynchronous copies into the pool
+        packed = pack(adapter, self.model, self.pool.page_size, pin=self.device.type == "cuda")
+        if packed.num_pages > self.pool.num_pages:
+            raise AdapterLoadError("no_room", f"adapter {adapter_id!r} needs {packed.num_pages} pool pages "
+                                   f"({adapter.nbytes / 2**20:.1f} MiB) but the pool has {self.pool.num_pages}: "
+                                   "raise --adapter-memory")
+        return "lora", adapter, packed
 
     def unload(self, adapter_id: str) -> int:
         """Forget an adapter. Requests already using it finish first. -> how many are still running."""
@@ -193,7 +208,7 @@ class AdapterManager:
             if e is None or e.host is None:
                 return False
             e.last_used = time.monotonic()
-            if e.device is not None:
+            if e.device is not None or e.family != "lora":  # prompt KV lives in the engine's blocks; IA3 is tiny
                 return True
             t0 = time.perf_counter()
             need = e.host.num_pages
@@ -225,6 +240,13 @@ class AdapterManager:
 
     def resident(self, adapter_id: str) -> Resident:
         return self.entries[adapter_id].device
+
+    def family(self, adapter_id: str) -> str:
+        return self.entries[adapter_id].family
+
+    def adapter(self, adapter_id: str) -> PromptAdapter | Ia3Adapter:
+        """The loaded form of a prompt-learning or IA3 adapter."""
+        return self.entries[adapter_id].host
 
     # -- internals ---------------------------------------------------------------------------------
     def _evict(self, e: AdapterEntry) -> None:

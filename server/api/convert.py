@@ -40,6 +40,7 @@ def to_engine_request(msg: pb.GenerateRequest, default_max_new_tokens: int) -> G
             sampling=sampling,
             request_id=msg.request_id or None,
             adapter_id=msg.adapter_id or None,
+            task_id=msg.task_id if msg.HasField("task_id") else None,
         )
     except ValueError as exc:
         raise InvalidRequestError(str(exc)) from None

@@ -22,6 +22,7 @@ from server.engine.request import FinishReason, GenerateRequest, RequestOutput, 
 from server.engine.sampler import Sampler, SamplingState
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import Sequence, SequenceStatus
+from server.adapters.kv_prefix import KVPrefixStore
 from server.engine.stop import StopStringMatcher
 from server.model.llama import LlamaModel
 
@@ -52,6 +53,8 @@ class LLMEngine:
                                        load_on_demand=cfg.load_adapters_on_demand)
         self.runner = ModelRunner(self.model, num_blocks, cfg.block_size, self.adapters)
         self.blocks = BlockManager(num_blocks, cfg.block_size)
+        # prompt-learning adapters: shared KV prefixes, at most this share of the KV cache
+        self.prefixes = KVPrefixStore(self.blocks, self.runner, mc, int(num_blocks * cfg.adapter_kv_fraction))
         self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens,
                                    self._adapter_gate, self._adapter_release)
         self.sampler = Sampler()
@@ -105,12 +108,37 @@ class LLMEngine:
                 f"prompt + max_new_tokens needs {need} KV blocks but the cache has "
                 f"{self.blocks.allocator.num_blocks}: shorten the request or raise --kv-cache-memory")
         seq = Sequence(request.request_id or uuid.uuid4().hex, ids, p, adapter_id=request.adapter_id or None)
+        if request.task_id is not None and not seq.adapter_id:
+            raise InvalidRequestError("task_id needs an adapter_id (a multitask prompt tuning adapter)")
         if seq.adapter_id:
             self.adapters.acquire(seq.adapter_id)  # raises AdapterNotFoundError; released in _finish
+            try:
+                self._place_after_prefix(seq, request, len(ids) + p.max_new_tokens)
+            except InvalidRequestError:
+                self.discard(seq)
+                raise
         seq.sampling_state = SamplingState.create(p, self.device)
         seq.detokenizer = IncrementalDetokenizer(self.tokenizer, ids)
         seq.stop_matcher = StopStringMatcher(p.stop)
         return seq
+
+    def _place_after_prefix(self, seq: Sequence, request: GenerateRequest, length: int) -> None:
+        """Prompt-learning adapters: the request's tokens follow nvt shared virtual tokens."""
+        if self.adapters.family(seq.adapter_id) != "prompt":
+            if request.task_id is not None:
+                raise InvalidRequestError(f"adapter {seq.adapter_id!r} has no tasks: task_id is for multitask "
+                                          "prompt tuning adapters")
+            return
+        a = self.adapters.adapter(seq.adapter_id)
+        task = request.task_id or 0
+        if not 0 <= task < a.num_tasks:
+            raise InvalidRequestError(f"adapter {seq.adapter_id!r} has {a.num_tasks} task(s): task_id {task} is out "
+                                      "of range")
+        if length + a.num_virtual_tokens > self.max_model_len:
+            raise InvalidRequestError(f"{a.num_virtual_tokens} virtual tokens + prompt + max_new_tokens exceed the "
+                                      f"context of {self.max_model_len} tokens")
+        seq.prefix_len = seq.position_offset = a.num_virtual_tokens
+        seq.task_id = task
 
     def add(self, seq: Sequence) -> None:
         if seq.request_id in self.requests:
@@ -134,11 +162,14 @@ class LLMEngine:
             return False
         if not self.adapters.make_resident(seq.adapter_id):
             return False
+        if seq.prefix_len and not self.prefixes.attach(seq, self.adapters.adapter(seq.adapter_id), seq.task_id):
+            return False
         self.adapters.pin(seq.adapter_id)
         seq.adapter_pinned = True
         return True
 
     def _adapter_release(self, seq: Sequence) -> None:
+        self.prefixes.detach(seq)
         if seq.adapter_pinned:
             self.adapters.unpin(seq.adapter_id)
             seq.adapter_pinned = False
@@ -163,6 +194,7 @@ class LLMEngine:
 
     # -- the step ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        self.prefixes.collect(lambda adapter_id: self.adapters.get(adapter_id) is not None)
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []

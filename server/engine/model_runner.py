@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from server.adapters.batch import LoraBatch
+from server.adapters.batch import LoraBatch, StepAdapters
+from server.adapters.ia3_batch import Ia3Batch
 from server.adapters.kernel_batch import KernelLoraBatch
 from server.adapters.manager import AdapterManager
 from server.engine.scheduler import ScheduledBatch
@@ -41,14 +42,46 @@ class ModelRunner:
             return [], hidden.new_empty(0, self.model.config.vocab_size, dtype=torch.float32)
         return samplers, self.model.logits(hidden[sample_rows])
 
-    def _adapter_batch(self, batch: ScheduledBatch, num_tokens: int) -> LoraBatch | KernelLoraBatch | None:
+    def _adapter_batch(self, batch: ScheduledBatch, num_tokens: int):
+        """The step's adapter appliers for the linear seam (prompt-learning adapters act through the KV cache)."""
         if self.adapters is None or not any(s.adapter_id for s in batch.seqs):
             return None
-        spans, start = [], 0
+        spans: dict[str, list] = {"lora": [], "ia3": []}
+        start = 0
         for seq, n in zip(batch.seqs, batch.num_tokens):
-            spans.append((seq.adapter_id, start, n))
+            family = self.adapters.family(seq.adapter_id) if seq.adapter_id else None
+            if family in spans:
+                spans[family].append((seq.adapter_id, start, n))
             start += n
-        return self.lora_batch.build(self.adapters.pool.buffer, spans, num_tokens, self.adapters.resident, self.device)
+        appliers = []
+        if spans["lora"]:
+            appliers.append(self.lora_batch.build(self.adapters.pool.buffer, spans["lora"], num_tokens,
+                                                  self.adapters.resident, self.device))
+        if spans["ia3"]:
+            appliers.append(Ia3Batch.build(spans["ia3"], self.adapters.adapter))
+        return None if not appliers else appliers[0] if len(appliers) == 1 else StepAdapters(appliers)
+
+    # -- shared KV prefixes (prompt-learning adapters, server/adapters/kv_prefix.py) ---------------
+    @torch.inference_mode()
+    def write_kv(self, slots: torch.Tensor, kv: torch.Tensor) -> None:
+        """kv [2 * layers, n, KVH, D] (row 2i keys, 2i + 1 values of layer i) into cache slots [n]."""
+        cache = self.kv_cache.view(-1, *self.kv_cache.shape[2:])  # [layers * 2, slots, KVH, D]
+        cache[:, slots.to(self.device)] = kv.to(self.device, self.kv_cache.dtype)
+
+    @torch.inference_mode()
+    def prefill_embeddings(self, embeds: torch.Tensor, slots: torch.Tensor) -> None:
+        """Run embeds [n, hidden] as a sequence at positions 0 .. n - 1, keeping its K/V in `slots` [n]."""
+        n = embeds.shape[0]
+        slots = slots.to(self.device)
+        attn = AttentionMetadata(slot_mapping=slots, num_decodes=0, decode_block_tables=None, decode_mask=None,
+                                 prefills=[PrefillChunk(0, n, n, slots, None)])
+        positions = torch.arange(n, device=self.device)
+        self.model(positions, positions, attn, inputs_embeds=embeds.to(self.device, self.model.dtype))
+
+    @torch.inference_mode()
+    def copy_kv(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy every layer's K/V from cache slots src [n] to dst [n]."""
+        self.kv_cache[:, :, dst.to(self.device)] = self.kv_cache[:, :, src.to(self.device)]
 
     def _prepare(self, batch: ScheduledBatch):
         bs = self.block_size

@@ -26,6 +26,8 @@ class Sequence:
     # have no token ids; real token i sits at position position_offset + i.
     prefix_len: int = 0
     position_offset: int = 0
+    task_id: int = 0  # multitask prompt tuning: which task's prompt
+    kv_prefix: tuple[str, int] | None = None  # the shared prefix attached to block_table (kv_prefix.py)
 
     token_ids: list[int] = field(init=False)  # prompt + generated
     num_computed: int = 0  # real tokens whose K/V is in the cache

@@ -57,16 +57,19 @@ class Linear(nn.Module):
         return w + (0 if self.bias is None else self.bias.numel() * self.bias.element_size())
 
     def forward(self, x: torch.Tensor, adapters: AdapterApplier | None = None) -> torch.Tensor:
-        if self.qweight is not None:
-            if x.requires_grad and torch.is_grad_enabled():  # training adapters below a quantized base
-                y = quant_linear_with_grad(self._qmatmul, x, self.qweight, self.bias)
-            else:
-                y = self._qmatmul(x, self.qweight, self.bias)
-        else:
-            y = F.linear(x, self.weight, self.bias)
+        y = self.matmul(x)
         if adapters is not None:
             y = adapters.apply(self, x, y)
         return y
+
+    def matmul(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        """The base layer alone: x @ W.T (+ b), dense or quantized."""
+        b = self.bias if bias else None
+        if self.qweight is not None:
+            if x.requires_grad and torch.is_grad_enabled():  # training adapters below a quantized base
+                return quant_linear_with_grad(self._qmatmul, x, self.qweight, b)
+            return self._qmatmul(x, self.qweight, b)
+        return F.linear(x, self.weight, b)
 
     def slice_weight(self, name: str) -> torch.Tensor:
         """The [out, in] weight of one output slice, as the forward pass uses it (dequantized)."""
