@@ -87,6 +87,9 @@ class LoraBatch:
                     y[rows, s.cols[0]:s.cols[1]].addmm_(h[:, s.r0:s.r1], Bt)
         return y
 
+    def attention(self, attn, q: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return out  # acts in the linear seam only
+
 
 class StepAdapters:
     """Several appliers in one step (LoRA tokens, IA3 tokens, ...): each touches only its own rows."""
@@ -98,3 +101,8 @@ class StepAdapters:
         for a in self.appliers:
             y = a.apply(layer, x, y)
         return y
+
+    def attention(self, attn, q: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        for a in self.appliers:
+            out = a.attention(attn, q, out)
+        return out

@@ -22,6 +22,7 @@ import torch
 
 from loader.adapter_errors import AdapterLoadError
 from loader.adapter_paths import check_adapter_id, resolve_adapter_dir
+from loader.adaption_prompt import AdaptionAdapter, load_adaption_prompt
 from loader.ia3 import Ia3Adapter, load_ia3_adapter
 from loader.lora import load_lora_adapter, module_dims, read_adapter_config
 from loader.prompt_adapter import PROMPT_TYPES, PromptAdapter, load_prompt_adapter
@@ -44,9 +45,10 @@ class AdapterEntry:
     kind: str
     rank: int
     nbytes: int
-    family: str = "lora"  # lora (pool pages) | prompt (shared KV blocks, server/adapters/kv_prefix.py) | ia3
+    # lora (pool pages) | prompt (shared KV blocks, server/adapters/kv_prefix.py) | ia3 | adaption (LLaMA-Adapter)
+    family: str = "lora"
     # the serving form in host memory: LoRA packed in page order; prompt/IA3 adapters as loaded (IA3 on device)
-    host: PackedAdapter | PromptAdapter | Ia3Adapter | None = None
+    host: PackedAdapter | PromptAdapter | Ia3Adapter | AdaptionAdapter | None = None
     device: Resident | None = None
     pages: torch.Tensor | None = None
     pins: int = 0  # running sequences
@@ -150,6 +152,9 @@ class AdapterManager:
         if ptype == "IA3":
             a = load_ia3_adapter(adapter_id, path, self.cfg)
             return "ia3", a, a.to(self.device, self.dtype)
+        if ptype == "ADAPTION_PROMPT":
+            a = load_adaption_prompt(adapter_id, path, self.cfg, self.model)
+            return "adaption", a, a
         adapter = load_lora_adapter(adapter_id, path, self.cfg, self.max_rank, self.model.linear_weight, self.dtype)
         # pinned host memory on CUDA: fast, asynchronous copies into the pool
         packed = pack(adapter, self.model, self.pool.page_size, pin=self.device.type == "cuda")
@@ -208,7 +213,7 @@ class AdapterManager:
             if e is None or e.host is None:
                 return False
             e.last_used = time.monotonic()
-            if e.device is not None or e.family != "lora":  # prompt KV lives in the engine's blocks; IA3 is tiny
+            if e.device is not None or e.family != "lora":  # prompt KV lives in the engine's blocks; others are tiny
                 return True
             t0 = time.perf_counter()
             need = e.host.num_pages
@@ -244,8 +249,8 @@ class AdapterManager:
     def family(self, adapter_id: str) -> str:
         return self.entries[adapter_id].family
 
-    def adapter(self, adapter_id: str) -> PromptAdapter | Ia3Adapter:
-        """The loaded form of a prompt-learning or IA3 adapter."""
+    def adapter(self, adapter_id: str) -> PromptAdapter | Ia3Adapter | AdaptionAdapter:
+        """The loaded form of a prompt-learning, IA3 or adaption-prompt adapter."""
         return self.entries[adapter_id].host
 
     # -- internals ---------------------------------------------------------------------------------

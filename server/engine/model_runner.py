@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from server.adapters.batch import LoraBatch, StepAdapters
+from server.adapters.adaption_batch import AdaptionBatch
 from server.adapters.ia3_batch import Ia3Batch
 from server.adapters.kernel_batch import KernelLoraBatch
 from server.adapters.manager import AdapterManager
@@ -46,7 +47,7 @@ class ModelRunner:
         """The step's adapter appliers for the linear seam (prompt-learning adapters act through the KV cache)."""
         if self.adapters is None or not any(s.adapter_id for s in batch.seqs):
             return None
-        spans: dict[str, list] = {"lora": [], "ia3": []}
+        spans: dict[str, list] = {"lora": [], "ia3": [], "adaption": []}
         start = 0
         for seq, n in zip(batch.seqs, batch.num_tokens):
             family = self.adapters.family(seq.adapter_id) if seq.adapter_id else None
@@ -59,6 +60,8 @@ class ModelRunner:
                                                   self.adapters.resident, self.device))
         if spans["ia3"]:
             appliers.append(Ia3Batch.build(spans["ia3"], self.adapters.adapter))
+        if spans["adaption"]:
+            appliers.append(AdaptionBatch.build(spans["adaption"], self.adapters.adapter))
         return None if not appliers else appliers[0] if len(appliers) == 1 else StepAdapters(appliers)
 
     # -- shared KV prefixes (prompt-learning adapters, server/adapters/kv_prefix.py) ---------------

@@ -21,6 +21,10 @@ class AdapterApplier(Protocol):
 
     def apply(self, layer: "Linear", x: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
 
+    def attention(self, attn, q: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """After an attention layer: q [T, H, D] its rotated queries, out [T, hidden] its o_proj output."""
+        ...
+
 
 class Linear(nn.Module):
     """y[t] = x[t] @ W.T (+ b), then each token's own adapter delta, for fused output slices.

@@ -48,7 +48,8 @@ class Attention(nn.Module):
         else:
             write_kv(self.k_cache, self.v_cache, k, v, attn.slot_mapping)
             o = paged_attention(q, self.k_cache, self.v_cache, attn, self.block_size, self.scale)
-        return self.o_proj(o.reshape(t, -1), adapters)
+        out = self.o_proj(o.reshape(t, -1), adapters)
+        return out if adapters is None else adapters.attention(self, q, out)
 
 
 class MLP(nn.Module):

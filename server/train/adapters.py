@@ -126,6 +126,9 @@ class TrainableLora(nn.Module):
                 out[f"{name}.lora_magnitude_vector"] = self.m[key].detach().float().cpu().contiguous()
         return out
 
+    def attention(self, attn, q: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return out  # acts in the linear seam only
+
 
 class TrainablePrefix(nn.Module):
     """Learned per-layer keys/values ahead of every sequence (positions of real tokens start at nvt).
