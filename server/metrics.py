@@ -60,6 +60,13 @@ class _EngineCollector:
                                 value=s["adapter_pool_pages"])
         yield GaugeMetricFamily("tessera_adapter_pool_pages_used", "Pages of the device adapter pool in use.",
                                 value=s["adapter_pool_pages_used"])
+        kinds = GaugeMetricFamily("tessera_adapters_loaded", "Registered adapters by kind.", labels=["kind"])
+        for kind, n in sorted(s["adapter_kinds"].items()):
+            kinds.add_metric([kind], n)
+        yield kinds
+        yield GaugeMetricFamily("tessera_adapter_kv_blocks", "KV-cache blocks holding prefix/prompt-tuning adapters' "
+                                "shared virtual tokens (counted once, whatever number of requests use them).",
+                                value=s["adapter_kv_blocks"])
         per = GaugeMetricFamily("tessera_adapter_requests", "Requests per adapter (adapters in the registry only).",
                                 labels=["adapter_id", "state"])
         for state in ("running", "waiting"):

@@ -39,10 +39,7 @@ class KVPrefixStore:
         self.blocks, self.runner, self.cfg = blocks, runner, model_config
         self.budget = budget_blocks
         self.prefixes: dict[tuple[str, int], _Prefix] = {}  # (adapter id, task) -> its blocks
-
-    @property
-    def num_blocks(self) -> int:
-        return sum(len(p.blocks) for p in self.prefixes.values())
+        self.num_blocks = 0  # blocks held by materialized prefixes (read by the metrics thread)
 
     def attach(self, seq: Sequence, adapter: PromptAdapter, task: int) -> bool:
         """Start seq's block table with the adapter's prefix (materializing it). False: no room now."""
@@ -99,12 +96,14 @@ class KVPrefixStore:
             self.runner.prefill_embeddings(adapter.embeddings(task), slots)
         p = _Prefix(blocks, n)
         self.prefixes[key] = p
+        self.num_blocks += need
         log.info("adapter %s%s: %d virtual tokens in %d shared KV blocks (%.1f ms)", key[0],
                  f" task {task}" if adapter.num_tasks > 1 else "", n, need, (time.perf_counter() - t0) * 1000)
         return p
 
     def _free(self, key: tuple[str, int]) -> None:
         p = self.prefixes.pop(key)
+        self.num_blocks -= len(p.blocks)
         for b in p.blocks:
             self.blocks.allocator.decref(b)
         log.debug("adapter %s: shared KV prefix freed", key[0])

@@ -122,8 +122,8 @@ class AdapterManager:
             path = Path(path).resolve()
             family, adapter, host = self._read(adapter_id, path)
             with self._lock:
-                e = self.entries.get(adapter_id) or AdapterEntry(adapter_id, path, adapter.kind, adapter.rank,
-                                                                 adapter.nbytes, family)
+                e = self.entries.get(adapter_id) or AdapterEntry(
+                    adapter_id, path, adapter.kind, adapter.rank if family == "lora" else 0, adapter.nbytes, family)
                 e.host, e.last_used = host, time.monotonic()
                 self.entries[adapter_id] = e
                 self._trim_host()
@@ -200,6 +200,10 @@ class AdapterManager:
             return [dict(adapter_id=e.adapter_id, kind=e.kind, rank=e.rank, resident=e.residency, path=str(e.path),
                          bytes=e.nbytes, pins=e.pins, active_requests=e.refs)
                     for e in sorted(self.entries.values(), key=lambda e: e.adapter_id) if not e.unloading]
+
+    def kind_counts(self) -> Counter:
+        with self._lock:
+            return Counter(e.kind for e in self.entries.values() if not e.unloading)
 
     def tier_counts(self) -> Counter:
         with self._lock:

@@ -36,6 +36,8 @@ class EngineStats:
     adapter_tiers: dict[str, int]  # "device" / "host" / "disk" -> adapters
     adapter_pool_pages: int
     adapter_pool_pages_used: int
+    adapter_kinds: dict[str, int]  # lora / dora / adalora / prefix / prompt / p_tuning / multitask / ia3 / adaption_prompt
+    adapter_kv_blocks: int  # KV blocks holding prompt-learning adapters' shared prefixes
 
 
 class AsyncEngine:
@@ -85,7 +87,8 @@ class AsyncEngine:
                            adapters_running=dict(Counter(q.adapter_id for q in running if q.adapter_id)),
                            adapters_waiting=dict(Counter(q.adapter_id for q in waiting if q.adapter_id)),
                            adapter_tiers=dict(ad.tier_counts()), adapter_pool_pages=ad.pool.num_pages,
-                           adapter_pool_pages_used=ad.pool.num_used)
+                           adapter_pool_pages_used=ad.pool.num_used, adapter_kinds=dict(ad.kind_counts()),
+                           adapter_kv_blocks=self.engine.prefixes.num_blocks)
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()

@@ -1,0 +1,121 @@
+"""Prefix (with/without projection), prompt (text init), P-tuning, multitask prompt tuning, IA3 and
+LLaMA-Adapter adapters made by PEFT on the real SmolLM2, requested concurrently with LoRA adapters and
+the base model through the gRPC server: greedy tokens equal PEFT's generate for each adapter alone.
+A prefix adapter used by 16 requests holds its KV blocks once; unloading frees every block."""
+from __future__ import annotations
+
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from proto import tessera_pb2 as pb
+from server.config import EngineConfig
+from server.engine.engine import LLMEngine
+from server.engine.request import GenerateRequest, SamplingParams
+from tests import peft_adapters as lora_oracle
+from tests import peft_prompt_adapters as oracle
+from tests.server_proc import ServerProcess
+
+pytestmark = pytest.mark.e2e
+ADMIN = [("authorization", "Bearer adm")]
+N_NEW = 10
+PROMPTS = ["The three most important things about", "def fibonacci(n):\n"]
+KINDS = {"prefix": "prefix", "prefix-proj": "prefix", "prompt-text": "prompt", "p-tuning": "p_tuning",
+         "multitask": "multitask", "ia3": "ia3", "ia3-attn": "ia3", "adaption": "adaption_prompt"}
+LORAS = ("r8-all-linear", "dora-r8")
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapter-root")
+    for name in KINDS:
+        shutil.copytree(oracle.build(name), root / name)
+    for name in LORAS:
+        shutil.copytree(lora_oracle.build(name), root / name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, root):
+    srv = ServerProcess(tmp_path_factory.mktemp("srv"), "--adapter-root", str(root), "--admin-token", "adm",
+                        "--block-size", "4")
+    yield srv
+    assert srv.stop() == 0
+
+
+def _gen(stub, adapter: str | None, ids: list[int], task: int | None = None) -> list[int]:
+    req = pb.GenerateRequest(prompt_token_ids=ids, adapter_id=adapter or "", max_new_tokens=N_NEW)
+    if task is not None:
+        req.task_id = task
+    return [t for m in stub.Generate(req, timeout=600) for t in m.token_ids]
+
+
+def test_every_kind_in_one_mixed_batch_equals_peft(server):
+    from tests.oracle import hf_smollm2_dir
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(hf_smollm2_dir())
+    work = []
+    for p in PROMPTS:
+        ids = tok(p).input_ids
+        work += [(name, ids, None) for name in KINDS if name != "multitask"]
+        work += [("multitask", ids, t) for t in (0, 1, 2)]
+        work += [(name, ids, None) for name in LORAS] + [(None, ids, None)]
+    with ThreadPoolExecutor(len(work)) as pool:  # all at once: they share the server's batches
+        got = list(pool.map(lambda w: _gen(server.stub, *w), work))
+    for (name, ids, task), tokens in zip(work, got):
+        if name in LORAS:
+            want = lora_oracle.peft_greedy(name, tuple(ids), N_NEW)
+        else:
+            want = oracle.peft_greedy(name, tuple(ids), N_NEW, task)
+        assert tokens == want, f"{name} task {task}"
+    listed = {a.adapter_id: a.kind for a in server.stub.ListAdapters(pb.ListAdaptersRequest(), metadata=ADMIN).adapters}
+    for name, kind in KINDS.items():
+        assert listed[name] == kind
+    m = server.metrics()
+    assert m['tessera_adapters_loaded{kind="prefix"}'] == 2 and m['tessera_adapters_loaded{kind="ia3"}'] == 2
+    assert m["tessera_adapter_kv_blocks"] > 0  # the prompt-learning adapters' shared prefixes
+    for name in KINDS:
+        server.stub.UnloadAdapter(pb.UnloadAdapterRequest(adapter_id=name), metadata=ADMIN)
+    _gen(server.stub, None, [1, 2, 3])  # a step runs: prefixes of unloaded adapters are freed
+    m = server.metrics()
+    assert m["tessera_adapter_kv_blocks"] == 0 and m["tessera_kv_cache_blocks_used"] == 0
+
+
+def test_bad_task_ids_are_invalid_argument(server):
+    import grpc
+
+    for adapter, task in (("multitask", 3), ("r8-all-linear", 0), ("", 1)):
+        with pytest.raises(grpc.RpcError) as e:
+            _gen(server.stub, adapter, [1, 2, 3], task)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (adapter, task)
+
+
+def test_prefix_kv_is_stored_once_for_16_requests(root):
+    """Engine level, exact block accounting: 16 requests over one prefix adapter with nvt = 10 and
+    blocks of 4 share its 2 full blocks; each has a private copy of the partial third block."""
+    engine = LLMEngine.from_config(EngineConfig(adapter_root=str(root), block_size=4, max_num_seqs=32))
+    engine.adapters.load("prefix")
+    nvt = engine.adapters.adapter("prefix").num_virtual_tokens
+    assert nvt == 10
+    prompt = [1, 504, 2988, 314, 253, 3385, 282]  # 7 tokens: 10 + 7 = 17 cached tokens -> 5 blocks per request
+    seqs = []
+    for _ in range(16):
+        s = engine.make_sequence(GenerateRequest(prompt_token_ids=prompt, adapter_id="prefix",
+                                                 sampling=SamplingParams(max_new_tokens=3)))
+        engine.add(s)
+        seqs.append(s)
+    engine.step()  # admits and prefills all 16
+    shared = engine.prefixes.prefixes[("prefix", 0)].blocks
+    assert len(shared) == 3 and engine.prefixes.num_blocks == 3
+    assert all(s.block_table[:2] == shared[:2] for s in seqs)
+    assert [engine.blocks.allocator.ref_counts[b] for b in shared] == [17, 17, 1]
+    own = 5 - 2  # blocks each request holds alone (the copied partial block included)
+    assert engine.blocks.allocator.num_used == 3 + 16 * own  # vs 16 * 5 = 80 without sharing
+    while engine.has_work():
+        engine.step()
+    assert engine.blocks.allocator.num_used == 3  # the prefix stays materialized while the adapter is loaded
+    engine.adapters.unload("prefix")
+    engine.step()
+    assert engine.blocks.allocator.num_used == 0 and engine.prefixes.num_blocks == 0
