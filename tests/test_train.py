@@ -19,7 +19,7 @@ from loader.lora import WEIGHTS_FILE, read_safetensors
 from proto import tessera_pb2 as pb
 from server.config import EngineConfig
 from server.engine.engine import LLMEngine
-from server.engine.request import SamplingParams
+from server.engine.request import GenerateRequest, SamplingParams
 from server.engine.scheduler import ScheduledBatch
 from server.engine.sequence import Sequence
 from server.model.llama import LlamaModel
@@ -132,7 +132,19 @@ def test_prefix_and_prompt_tuning_lower_loss_and_load_in_peft(method, kw, base, 
                                      str(tmp_path / method)).eval()
     with torch.no_grad():
         want = peft(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, -ids.shape[1]:].float()
+        peft_tokens = peft.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
+                                    do_sample=False)[0, ids.shape[1]:].tolist()
     torch.testing.assert_close(mine, want, rtol=1e-4, atol=1e-4)
+    # the server loads the trainer's output unchanged and generates what PEFT generates
+    engine = LLMEngine(EngineConfig(adapter_root=str(tmp_path), quantize="none"), loaded)
+    engine.adapters.load(method)
+    seq = engine.make_sequence(GenerateRequest(prompt_token_ids=ids[0].tolist(), adapter_id=method,
+                                               sampling=SamplingParams(max_new_tokens=6)))
+    engine.add(seq)
+    served = []
+    while engine.has_work():
+        served += [t for o in engine.step() for t in o.token_ids]
+    assert served == peft_tokens
 
 
 def _served_logits(engine: LLMEngine, adapter_id: str, ids: list[int]) -> torch.Tensor:
