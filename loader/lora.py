@@ -83,6 +83,10 @@ def read_adapter_config(path: Path) -> dict:
     if not isinstance(d, dict):
         raise AdapterLoadError("invalid", f"{cfg_file}: expected a JSON object")
     ptype = str(d.get("peft_type", "")).upper()
+    if not ptype and ("config" in d or (path / "pytorch_adapter.bin").exists()):
+        kind = d.get("config", {}).get("architecture") if isinstance(d.get("config"), dict) else None
+        raise AdapterLoadError("unsupported", f"{path.name}: an adapter-transformers (AdapterHub) adapter"
+                               f"{f' ({kind})' if kind else ''} is not served (only Hugging Face PEFT adapters)")
     if ptype in UNSERVED_TYPES:
         raise AdapterLoadError("unsupported", f"{path.name}: {ptype} adapters are not served (supported: LoRA, "
                                "DoRA, AdaLoRA, IA3, prefix, prompt and p-tuning, adaption prompt)")

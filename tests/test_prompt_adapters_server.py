@@ -119,3 +119,22 @@ def test_prefix_kv_is_stored_once_for_16_requests(root):
     engine.adapters.unload("prefix")
     engine.step()
     assert engine.blocks.allocator.num_used == 0 and engine.prefixes.num_blocks == 0
+
+
+def test_unserved_kinds_are_refused_by_name(tmp_path):
+    from loader.adapter_errors import AdapterLoadError
+    from loader.lora import read_adapter_config
+
+    hub = tmp_path / "bottleneck"
+    hub.mkdir()
+    (hub / "adapter_config.json").write_text('{"config": {"architecture": "bottleneck", "reduction_factor": 16}, '
+                                             '"hidden_size": 576, "name": "x"}')
+    (hub / "pytorch_adapter.bin").write_bytes(b"not read")
+    with pytest.raises(AdapterLoadError, match=r"adapter-transformers .*\(bottleneck\) is not served"):
+        read_adapter_config(hub)
+    for kind in ("LOKR", "OFT", "VERA"):
+        d = tmp_path / kind
+        d.mkdir()
+        (d / "adapter_config.json").write_text(f'{{"peft_type": "{kind}"}}')
+        with pytest.raises(AdapterLoadError, match=f"{kind} adapters are not served"):
+            read_adapter_config(d)
