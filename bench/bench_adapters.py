@@ -176,7 +176,7 @@ def main() -> None:
 
     base_tps = rows[0][1]
     mib = mgr.entries[names[0]].nbytes / 2**20
-    print(f"\nSmolLM2-135M fp32 on {args.device} ({torch.get_num_threads()} threads); {args.requests} concurrent "
+    print(f"\nSmolLM2-135M (linear layers: {engine.quantization}; adapters fp32) on {args.device} ({torch.get_num_threads()} threads); {args.requests} concurrent "
           f"requests, {args.new_tokens} new tokens each; adapters r={args.rank} on all linear layers "
           f"({mib:.1f} MiB each)\n")
     print("| load | tok/s | vs base only | vs PEFT mixed |")

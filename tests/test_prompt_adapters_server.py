@@ -138,3 +138,29 @@ def test_unserved_kinds_are_refused_by_name(tmp_path):
         (d / "adapter_config.json").write_text(f'{{"peft_type": "{kind}"}}')
         with pytest.raises(AdapterLoadError, match=f"{kind} adapters are not served"):
             read_adapter_config(d)
+
+
+def test_max_loras_bounds_lora_adapters_only(root):
+    """--max-loras 1: two LoRA adapters take turns, while prefix and IA3 requests run beside them."""
+    engine = LLMEngine.from_config(EngineConfig(adapter_root=str(root), max_loras=1))
+    work = ["r8-all-linear", "dora-r8", "prefix", "ia3"]
+    ids = [1, 504, 2988, 314, 253, 3385]
+    seqs = {}
+    for name in work:
+        engine.adapters.load(name)
+        s = engine.make_sequence(GenerateRequest(prompt_token_ids=ids, adapter_id=name,
+                                                 sampling=SamplingParams(max_new_tokens=N_NEW)))
+        engine.add(s)
+        seqs[name] = s
+    out = {}
+    for o in engine.step():
+        out.setdefault(o.request_id, []).extend(o.token_ids)
+    running = {s.adapter_id for s in engine.scheduler.running}
+    assert running == {"r8-all-linear", "prefix", "ia3"}  # dora-r8 waits for the LoRA slot
+    while engine.has_work():
+        for o in engine.step():
+            out.setdefault(o.request_id, []).extend(o.token_ids)
+    for name, s in seqs.items():
+        want = (lora_oracle.peft_greedy(name, tuple(ids), N_NEW) if name in LORAS
+                else oracle.peft_greedy(name, tuple(ids), N_NEW))
+        assert out[s.request_id] == want, name

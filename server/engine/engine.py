@@ -157,9 +157,10 @@ class LLMEngine:
     def _adapter_gate(self, seq: Sequence, running: list[Sequence]) -> bool:
         if not seq.adapter_id:
             return True
-        active = {s.adapter_id for s in running if s.adapter_id}
-        if seq.adapter_id not in active and len(active) >= self.cfg.max_loras:
-            return False
+        if self.adapters.family(seq.adapter_id) == "lora":  # --max-loras bounds LoRA adapters per batch
+            active = {s.adapter_id for s in running if s.adapter_id and self.adapters.family(s.adapter_id) == "lora"}
+            if seq.adapter_id not in active and len(active) >= self.cfg.max_loras:
+                return False
         if not self.adapters.make_resident(seq.adapter_id):
             return False
         if seq.prefix_len and not self.prefixes.attach(seq, self.adapters.adapter(seq.adapter_id), seq.task_id):
