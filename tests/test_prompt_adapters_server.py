@@ -164,3 +164,26 @@ def test_max_loras_bounds_lora_adapters_only(root):
         want = (lora_oracle.peft_greedy(name, tuple(ids), N_NEW) if name in LORAS
                 else oracle.peft_greedy(name, tuple(ids), N_NEW))
         assert out[s.request_id] == want, name
+
+
+def test_reloading_an_id_from_another_path_serves_the_new_prefix(root):
+    engine = LLMEngine.from_config(EngineConfig(adapter_root=str(root)))
+    ids = [1, 504, 2988, 314, 253, 3385]
+
+    def generate():
+        s = engine.make_sequence(GenerateRequest(prompt_token_ids=ids, adapter_id="x",
+                                                 sampling=SamplingParams(max_new_tokens=N_NEW)))
+        engine.add(s)
+        out = []
+        while engine.has_work():
+            out += [t for o in engine.step() for t in o.token_ids]
+        return out
+
+    engine.adapters.load("x", root / "prefix")
+    assert generate() == oracle.peft_greedy("prefix", tuple(ids), N_NEW)
+    engine.adapters.unload("x")
+    engine.adapters.load("x", root / "prefix-proj")  # same id, other adapter: its old KV must not be reused
+    assert generate() == oracle.peft_greedy("prefix-proj", tuple(ids), N_NEW)
+    engine.adapters.unload("x")
+    engine.step()
+    assert engine.blocks.allocator.num_used == 0

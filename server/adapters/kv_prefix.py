@@ -28,6 +28,7 @@ log = logging.getLogger("tessera.adapters")
 
 @dataclass
 class _Prefix:
+    source: PromptAdapter  # the loaded adapter it was made from (an id reloaded from elsewhere differs)
     blocks: list[int]
     length: int  # virtual tokens
     users: int = 0
@@ -44,7 +45,13 @@ class KVPrefixStore:
     def attach(self, seq: Sequence, adapter: PromptAdapter, task: int) -> bool:
         """Start seq's block table with the adapter's prefix (materializing it). False: no room now."""
         key = (seq.adapter_id, task)
-        p = self.prefixes.get(key) or self._materialize(key, adapter, task)
+        p = self.prefixes.get(key)
+        if p is not None and p.source is not adapter:  # the id was unloaded and loaded again
+            if p.users:
+                return False  # the old prefix's requests finish first
+            self._free(key)
+            p = None
+        p = p or self._materialize(key, adapter, task)
         if p is None:
             return False
         bs = self.blocks.block_size
@@ -73,9 +80,9 @@ class KVPrefixStore:
         self.blocks.free(seq)
         seq.kv_prefix = None
 
-    def collect(self, alive) -> None:
-        """Free unused prefixes whose adapter is gone (alive(adapter_id) False)."""
-        for key in [k for k, p in self.prefixes.items() if p.users == 0 and not alive(k[0])]:
+    def collect(self, current) -> None:
+        """Free unused prefixes whose adapter is gone: current(adapter_id) is not their source."""
+        for key in [k for k, p in self.prefixes.items() if p.users == 0 and current(k[0]) is not p.source]:
             self._free(key)
 
     def _materialize(self, key: tuple[str, int], adapter: PromptAdapter, task: int) -> _Prefix | None:
@@ -94,7 +101,7 @@ class KVPrefixStore:
             self.runner.write_kv(slots, adapter.prefix_kv(self.cfg))
         else:
             self.runner.prefill_embeddings(adapter.embeddings(task), slots)
-        p = _Prefix(blocks, n)
+        p = _Prefix(adapter, blocks, n)
         self.prefixes[key] = p
         self.num_blocks += need
         log.info("adapter %s%s: %d virtual tokens in %d shared KV blocks (%.1f ms)", key[0],

@@ -169,6 +169,10 @@ class LLMEngine:
         seq.adapter_pinned = True
         return True
 
+    def _loaded_adapter(self, adapter_id: str):
+        e = self.adapters.get(adapter_id)
+        return None if e is None else e.host
+
     def _adapter_release(self, seq: Sequence) -> None:
         self.prefixes.detach(seq)
         if seq.adapter_pinned:
@@ -195,7 +199,7 @@ class LLMEngine:
 
     # -- the step ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        self.prefixes.collect(lambda adapter_id: self.adapters.get(adapter_id) is not None)
+        self.prefixes.collect(self._loaded_adapter)
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
