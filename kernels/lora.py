@@ -19,6 +19,19 @@ MAX_SLICES = 3
 DESC_FIELDS = 2 + 3 * MAX_SLICES
 
 
+def check_sgmv_metadata(device: torch.device, desc: torch.Tensor, *index_tensors: torch.Tensor) -> None:
+    """The wrappers' shared checks of the SGMV metadata (ValueError: they guard callers' tensors)."""
+    if not (desc.dim() == 3 and desc.shape[2] == DESC_FIELDS and desc.stride(2) == 1):
+        raise ValueError("desc must be [A, keys, DESC_FIELDS]")
+    if any(t.dtype != torch.int32 or t.device != device for t in (desc, *index_tensors)):
+        raise ValueError("metadata must be int32 on the activations' device")
+
+
+def row_block(max_len: int) -> int:
+    """Token rows per program: the longest segment rounded up to 16, 32 or 64 (tl.dot needs >= 16)."""
+    return 16 if max_len <= 16 else (32 if max_len <= 32 else 64)
+
+
 def pool_view(pool: torch.Tensor, pages: torch.Tensor, rows: int, width: int) -> torch.Tensor | None:
     """pool[pages] as a [rows, width] view when the pages are consecutive, else None (no copy made)."""
     first, n = int(pages[0]), pages.numel()

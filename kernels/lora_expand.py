@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.lora import DESC_FIELDS, MAX_SLICES, ref_paged_rows
+from kernels.lora import check_sgmv_metadata, row_block, MAX_SLICES, ref_paged_rows
 from kernels.triton_env import check
 
 
@@ -79,15 +79,13 @@ def lora_expand(y: torch.Tensor, h: torch.Tensor, pool: torch.Tensor, page_table
     check(h.dtype == torch.float32 and h.shape[0] == y.shape[0], "h must be fp32 [T, ranks]")
     check(y.stride(1) == 1 and h.stride(1) == 1 and pool.is_contiguous(), "y, h need unit column stride; pool contiguous")
     check(all(w % P == 0 for w in widths) and col_starts[-1] + widths[-1] <= y.shape[1], "slice widths/columns")
-    check(desc.dim() == 3 and desc.shape[2] == DESC_FIELDS and desc.stride(2) == 1, "desc must be [A, keys, DESC_FIELDS]")
-    for t in (page_table, pt_start, desc, seg_start, seg_len, seg_slot):
-        check(t.dtype == torch.int32 and t.device == y.device, "metadata must be int32 on y's device")
+    check_sgmv_metadata(y.device, desc, page_table, pt_start, seg_start, seg_len, seg_slot)
     S = seg_start.numel()
     if S == 0 or max_len == 0:
         return y
     c = tuple(col_starts) + (0,) * (MAX_SLICES - ns)
     w = tuple(widths) + (0,) * (MAX_SLICES - ns)
-    block_m = 16 if max_len <= 16 else (32 if max_len <= 32 else 64)
+    block_m = row_block(max_len)
     block_n = 64
     n_blocks = triton.cdiv(max(widths), block_n)
     grid = (S, triton.cdiv(max_len, block_m), ns * n_blocks)

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.lora import DESC_FIELDS, ref_paged_rows
+from kernels.lora import check_sgmv_metadata, row_block, ref_paged_rows
 from kernels.triton_env import check, dot_in_fp32
 
 
@@ -73,13 +73,11 @@ def lora_shrink(h: torch.Tensor, x: torch.Tensor, pool: torch.Tensor, page_table
     check(h.dtype == torch.float32 and h.shape[0] == T and h.shape[1] >= max_rank, "h must be fp32 [T, >= max_rank]")
     check(x.stride(1) == 1 and h.stride(1) == 1 and pool.is_contiguous(), "x, h need unit column stride; pool contiguous")
     check(K % P == 0, f"in_features {K} is not a multiple of the page size {P}")
-    check(desc.dim() == 3 and desc.shape[2] == DESC_FIELDS and desc.stride(2) == 1, "desc must be [A, keys, DESC_FIELDS]")
-    for t in (page_table, pt_start, desc, seg_start, seg_len, seg_slot):
-        check(t.dtype == torch.int32 and t.device == x.device, "metadata must be int32 on x's device")
+    check_sgmv_metadata(x.device, desc, page_table, pt_start, seg_start, seg_len, seg_slot)
     S = seg_start.numel()
     if S == 0 or max_len == 0 or max_rank == 0:
         return h
-    block_m = 16 if max_len <= 16 else (32 if max_len <= 32 else 64)
+    block_m = row_block(max_len)
     block_r = 16 if max_rank <= 16 else (32 if max_rank <= 32 else 64)
     grid = (S, triton.cdiv(max_len, block_m), triton.cdiv(max_rank, block_r))
     _shrink_kernel[grid](x, x.stride(0), h, h.stride(0), pool, page_table, pt_start, desc, desc.stride(0),

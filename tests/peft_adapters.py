@@ -61,13 +61,18 @@ def _randomize(model, seed: int) -> None:
 
 
 def build(name: str, root: Path = ADAPTERS) -> Path:
+    return build_peft(name, root, lambda: _specs()[name], lambda model: _randomize(model, seed=sum(map(ord, name))))
+
+
+def build_peft(name: str, root: Path, spec, randomize) -> Path:
+    """root/name made once: get_peft_model(base, spec()), randomize(model), save_pretrained (atomically)."""
     out = root / name
     if (out / "adapter_model.safetensors").exists():
         return out
     from peft import get_peft_model
 
-    model = get_peft_model(base_model(), _specs()[name])
-    _randomize(model, seed=sum(map(ord, name)))
+    model = get_peft_model(base_model(), spec())
+    randomize(model)
     tmp = root / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
@@ -109,6 +114,17 @@ def peft_greedy_on_weights(linear_weight, name: str | None, prompt_ids: list[int
     (e.g. the dequantized weights a quantized engine serves)."""
     from peft import PeftModel
 
+    model = base_model_on_weights(linear_weight)
+    if name is not None:
+        model = PeftModel.from_pretrained(model, build(name)).eval()
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids),
+                             dtype=torch.long), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=2)
+    return out[0, len(prompt_ids):].tolist()
+
+
+def base_model_on_weights(linear_weight):
+    """The HF SmolLM2 with its linear weights replaced by linear_weight(layer, module)."""
     model = base_model()
     with torch.no_grad():
         for i, layer in enumerate(model.model.layers):
@@ -116,9 +132,4 @@ def peft_greedy_on_weights(linear_weight, name: str | None, prompt_ids: list[int
                                 ("mlp", ("gate_proj", "up_proj", "down_proj"))):
                 for mod in mods:
                     getattr(getattr(layer, block), mod).weight.copy_(linear_weight(i, mod))
-    if name is not None:
-        model = PeftModel.from_pretrained(model, build(name)).eval()
-    with torch.no_grad():
-        out = model.generate(input_ids=torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids),
-                             dtype=torch.long), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=2)
-    return out[0, len(prompt_ids):].tolist()
+    return model

@@ -89,13 +89,12 @@ from __future__ import annotations
 
 import functools
 import json
-import shutil
 from pathlib import Path
 
 import torch
 
 from tests.oracle import CACHE, hf_smollm2_dir
-from tests.peft_adapters import base_model
+from tests.peft_adapters import base_model, build_peft
 
 ADAPTERS = CACHE / "adapters_prompt"
 NAMES = ("prefix", "prefix-proj", "prompt-text", "p-tuning", "multitask", "ia3", "ia3-attn", "adaption")
@@ -225,18 +224,7 @@ def _randomize(model, name: str, seed: int) -> None:
 
 
 def build(name: str, root: Path = ADAPTERS) -> Path:
-    out = root / name
-    if (out / "adapter_model.safetensors").exists():
-        return out
-    from peft import get_peft_model
-
-    model = get_peft_model(base_model(), _specs()[name])
-    _randomize(model, name, seed=sum(map(ord, name)))
-    tmp = root / f".{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tmp.rename(out)
-    return out
+    return build_peft(name, root, lambda: _specs()[name], lambda model: _randomize(model, name, seed=sum(map(ord, name))))
 
 
 def build_all(root: Path = ADAPTERS) -> Path:

@@ -5,6 +5,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from server.config import resolve_device
+
 METHODS = ("lora", "qlora", "prefix", "prompt")
 SCHEDULERS = ("linear", "cosine", "constant")
 # flags that only make sense for some methods: name -> methods
@@ -119,9 +121,7 @@ class TrainConfig:
 
     @property
     def torch_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        return resolve_device(self.device)
 
     @property
     def torch_dtype(self) -> torch.dtype:
