@@ -35,8 +35,8 @@ def row_block(max_len: int) -> int:
 def pool_view(pool: torch.Tensor, pages: torch.Tensor, rows: int, width: int) -> torch.Tensor | None:
     """pool[pages] as a [rows, width] view when the pages are consecutive, else None (no copy made)."""
     first, n = int(pages[0]), pages.numel()
-    if int(pages[-1]) - first != n - 1:  # pages are allocated ascending: consecutive iff the span fits
-        return None
+    if int(pages[-1]) - first != n - 1 or (n > 1 and not bool((pages.diff() == 1).all())):
+        return None  # (the span test alone would take a shuffled run such as 5, 7, 6, 8 for consecutive)
     return pool[first:first + n].view(rows, width)
 
 

@@ -11,18 +11,14 @@ block) and prefill (GEMM tiles) alike.
 """
 from __future__ import annotations
 
-import functools
-import logging
-from pathlib import Path
-
 import torch
 import triton
 import triton.language as tl
 
+from kernels import cpu_ext
 from kernels.quant import QuantizedWeight, ref_dequantize
 from kernels.triton_env import check, dot_in_fp32
 
-log = logging.getLogger("tessera.kernels")
 GEMV_MAX_ROWS = 16  # above this many rows, dequantize once and use one sgemm (measured crossover)
 
 
@@ -31,19 +27,9 @@ def ref_quant_linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | N
     return torch.nn.functional.linear(x, ref_dequantize(w, x.dtype), bias)
 
 
-@functools.lru_cache(maxsize=1)
 def cpu_extension():
-    """The compiled CPU kernels, or None (then the reference is used)."""
-    try:
-        from torch.utils.cpp_extension import load
-
-        src = Path(__file__).resolve().parent / "cpu" / "quant_gemm.cpp"
-        log.info("building the CPU int4/int8 kernels (first use only; cached by torch's cpp_extension)")
-        return load(name="tessera_quant_gemm", sources=[str(src)], extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
-                    verbose=False)
-    except Exception as exc:  # no compiler, no headers: fall back, loudly
-        log.warning("CPU int4/int8 kernels unavailable (%s); using the slower reference path", exc)
-        return None
+    """The compiled CPU int4/int8 kernels, or None (then the reference is used)."""
+    return cpu_ext.load("quant_gemm", "int4/int8")
 
 
 def dequantize(w: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 
 from kernels.lora import DESC_FIELDS
+from kernels.lora_expand import ref_lora_expand
+from kernels.lora_shrink import ref_lora_shrink
 
 
 @dataclass
@@ -100,3 +102,47 @@ def dense_lora(y: torch.Tensor, x: torch.Tensor, sc: Scenario, key: int, slots: 
                 out[t, col_starts[j]:col_starts[j] + b.shape[1]] += h[r0:r0 + r] @ b.float()
             r0 += r
     return out
+
+
+SPLITS = {
+    "distinct": lambda t, a, g: [i % a for i in range(t)],
+    "identical": lambda t, a, g: [0] * t,
+    "zipf": lambda t, a, g: sorted(min(a - 1, int(v)) for v in torch.distributions.Pareto(1.0, 1.0).sample((t,)) - 1),
+    "all-base": lambda t, a, g: [-1] * t,
+    "mixed-with-base": lambda t, a, g: [(-1 if i % 3 == 0 else (i // 2) % a) for i in range(t)],
+}
+TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
+
+
+def check_sgmv(shrink, expand, split, pool_dtype, act_dtype, device, T, K, widths, P, rank_choices, n_adapters, seed):
+    """shrink/expand (Triton or CPU SGMV) equal their ref_ and the dense per-token oracle on one random case:
+    adapters of random per-slice ranks in scattered pages, tokens split across them by `split`."""
+    g = torch.Generator().manual_seed(seed)
+    n_keys = 2
+    ranks = [[[rank_choices[int(torch.randint(len(rank_choices), (1,), generator=g))] * int(torch.rand(1, generator=g) > 0.15)
+               for _ in widths] for _ in range(n_keys)] for _ in range(n_adapters)]
+    sc = build(ranks, K, widths, P, pool_dtype, device, g)
+    slots = SPLITS[split](T, n_adapters, g)
+    seg = [s.to(device) for s in segments(slots, empty_every=3)]
+    col_starts = tuple(sum(widths[:j]) for j in range(len(widths)))
+    N = sum(widths)
+    max_len = max([int(v) for v in seg[1].tolist()] + [0])
+    for key in range(n_keys):
+        max_rank = max(sum(r[key]) for r in ranks)
+        x = torch.randn(T, K, generator=g).to(act_dtype).to(device)
+        y0 = torch.randn(T, N, generator=g).to(act_dtype).to(device)
+        h = torch.zeros(T, max(max_rank, 1), device=device)
+        h_ref = torch.zeros_like(h)
+        shrink(h, x, sc.pool, sc.page_table, sc.pt_start, sc.desc, key, *seg, max_len, max_rank)
+        ref_lora_shrink(h_ref, x, sc.pool, sc.page_table, sc.pt_start, sc.desc, key, *seg)
+        rtol, atol = TOL[torch.float32] if act_dtype != torch.float16 else (1e-3, 1e-3)
+        torch.testing.assert_close(h, h_ref, rtol=rtol, atol=atol)
+        y, y_ref = y0.clone(), y0.clone()
+        expand(y, h_ref, sc.pool, sc.page_table, sc.pt_start, sc.desc, key, col_starts, widths, *seg, max_len)
+        ref_lora_expand(y_ref, h_ref, sc.pool, sc.page_table, sc.pt_start, sc.desc, key, col_starts, widths, *seg)
+        rtol, atol = TOL[act_dtype]
+        torch.testing.assert_close(y.float(), y_ref.float(), rtol=rtol, atol=atol * y_ref.float().abs().max().item())
+        want = dense_lora(y0, x, sc, key, slots, col_starts)
+        torch.testing.assert_close(y.float(), want, rtol=rtol, atol=atol * want.abs().max().item())
+        base = torch.tensor([s < 0 for s in slots], device=device)
+        assert torch.equal(y[base], y0[base]), "tokens without an adapter must be untouched"

@@ -7,75 +7,34 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.lora_expand import lora_expand, ref_lora_expand
-from kernels.lora_shrink import lora_shrink, ref_lora_shrink
+from kernels.lora_expand import lora_expand
+from kernels.lora_shrink import lora_shrink
 from kernels.triton_env import interpreting
 from tests import lora_scenarios as scen
 
 pytestmark = pytest.mark.skipif(not (interpreting() or torch.cuda.is_available()),
                                 reason="Triton needs CUDA or TRITON_INTERPRET=1")
 
-SPLITS = {
-    "distinct": lambda t, a, g: [i % a for i in range(t)],
-    "identical": lambda t, a, g: [0] * t,
-    "zipf": lambda t, a, g: sorted(min(a - 1, int(v)) for v in torch.distributions.Pareto(1.0, 1.0).sample((t,)) - 1),
-    "all-base": lambda t, a, g: [-1] * t,
-    "mixed-with-base": lambda t, a, g: [(-1 if i % 3 == 0 else (i // 2) % a) for i in range(t)],
-}
-TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
 
-
-def _run(split, dtype, device, T, K, widths, P, rank_choices, n_adapters, seed):
-    g = torch.Generator().manual_seed(seed)
-    n_keys = 2
-    ranks = [[[rank_choices[int(torch.randint(len(rank_choices), (1,), generator=g))] * int(torch.rand(1, generator=g) > 0.15)
-               for _ in widths] for _ in range(n_keys)] for _ in range(n_adapters)]
-    sc = scen.build(ranks, K, widths, P, dtype, device, g)
-    slots = SPLITS[split](T, n_adapters, g)
-    seg = [s.to(device) for s in scen.segments(slots, empty_every=3)]
-    col_starts = tuple(sum(widths[:j]) for j in range(len(widths)))
-    N = sum(widths)
-    max_len = max([int(v) for v in seg[1].tolist()] + [0])
-    for key in range(n_keys):
-        max_rank = max(sum(r[key]) for r in ranks)
-        x = torch.randn(T, K, generator=g).to(dtype).to(device)
-        y0 = torch.randn(T, N, generator=g).to(dtype).to(device)
-        h = torch.zeros(T, max(max_rank, 1), device=device)
-        h_ref = torch.zeros_like(h)
-        lora_shrink(h, x, sc.pool, sc.page_table, sc.pt_start, sc.desc, key, *seg, max_len, max_rank)
-        ref_lora_shrink(h_ref, x, sc.pool, sc.page_table, sc.pt_start, sc.desc, key, *seg)
-        rtol, atol = TOL[torch.float32] if dtype != torch.float16 else (1e-3, 1e-3)
-        torch.testing.assert_close(h, h_ref, rtol=rtol, atol=atol)
-        y, y_ref = y0.clone(), y0.clone()
-        lora_expand(y, h_ref, sc.pool, sc.page_table, sc.pt_start, sc.desc, key, col_starts, widths, *seg, max_len)
-        ref_lora_expand(y_ref, h_ref, sc.pool, sc.page_table, sc.pt_start, sc.desc, key, col_starts, widths, *seg)
-        rtol, atol = TOL[dtype]
-        torch.testing.assert_close(y.float(), y_ref.float(), rtol=rtol, atol=atol * y_ref.float().abs().max().item())
-        want = scen.dense_lora(y0, x, sc, key, slots, col_starts)
-        torch.testing.assert_close(y.float(), want, rtol=rtol, atol=atol * want.abs().max().item())
-        base = torch.tensor([s < 0 for s in slots], device=device)
-        assert torch.equal(y[base], y0[base]), "tokens without an adapter must be untouched"
-
-
-@pytest.mark.parametrize("split", sorted(SPLITS))
+@pytest.mark.parametrize("split", sorted(scen.SPLITS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_sgmv_small(split, dtype):
     device = "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
-    _run(split, dtype, device, T=20, K=64, widths=(32, 16, 16), P=16, rank_choices=[1, 2, 5, 8, 16, 20, 33, 64],
+    scen.check_sgmv(lora_shrink, lora_expand, split, dtype, dtype, device, T=20, K=64, widths=(32, 16, 16), P=16, rank_choices=[1, 2, 5, 8, 16, 20, 33, 64],
          n_adapters=6, seed=hash((split, str(dtype))) % 2**31)
 
 
 def test_sgmv_long_segment_and_two_slices():
     """A prefill-like segment longer than one row block, gate/up-like two slices, K over several k-blocks."""
-    _run("identical", torch.float32, "cuda" if torch.cuda.is_available() and not interpreting() else "cpu",
+    scen.check_sgmv(lora_shrink, lora_expand, "identical", torch.float32, torch.float32, "cuda" if torch.cuda.is_available() and not interpreting() else "cpu",
          T=70, K=192, widths=(96, 96), P=32, rank_choices=[8, 40], n_adapters=2, seed=7)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="real sizes need CUDA")
-@pytest.mark.parametrize("split", sorted(SPLITS))
+@pytest.mark.parametrize("split", sorted(scen.SPLITS))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_sgmv_real_sizes_cuda(split, dtype):
-    _run(split, dtype, "cuda", T=256, K=4096, widths=(4096, 1024, 1024), P=256,
+    scen.check_sgmv(lora_shrink, lora_expand, split, dtype, dtype, "cuda", T=256, K=4096, widths=(4096, 1024, 1024), P=256,
          rank_choices=[8, 16, 64, 128], n_adapters=32, seed=3)
 
 

@@ -1,15 +1,19 @@
-"""The CUDA path of the LoRA add (KernelLoraBatch: Triton SGMV over page tables) inside the real model:
-PEFT-made adapters on a tiny random Llama, a mixed prefill+decode batch with scattered pool pages;
-logits equal the torch path (LoraBatch) and PEFT running each adapter alone. Runs the kernels in
-Triton's interpreter on the CPU, natively on CUDA."""
+"""The kernel paths of the LoRA add (KernelLoraBatch: SGMV over page tables, Triton or the C++ CPU
+kernels) inside the real model: PEFT-made adapters on a tiny random Llama, a mixed prefill+decode batch
+with scattered pool pages; logits equal the torch path (LoraBatch) and PEFT running each adapter
+alone. Triton runs in its interpreter on the CPU, natively on CUDA."""
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from kernels import lora_cpu
+from kernels.lora_expand import lora_expand
+from kernels.lora_shrink import lora_shrink
 from kernels.triton_env import interpreting
 from loader.config import ModelConfig
 from server.adapters.batch import LoraBatch
@@ -22,8 +26,12 @@ from server.engine.scheduler import ScheduledBatch
 from server.engine.sequence import Sequence
 from server.model.llama import LlamaModel
 
-pytestmark = pytest.mark.skipif(not (interpreting() or torch.cuda.is_available()),
-                                reason="Triton needs CUDA or TRITON_INTERPRET=1")
+KERNELS = {
+    "triton": pytest.param((lora_shrink, lora_expand), marks=pytest.mark.skipif(
+        not (interpreting() or torch.cuda.is_available()), reason="Triton needs CUDA or TRITON_INTERPRET=1")),
+    "cpu": pytest.param((lora_cpu.cpu_lora_shrink, lora_cpu.cpu_lora_expand), marks=pytest.mark.skipif(
+        not lora_cpu.available(), reason="no C++ compiler for the CPU kernels")),
+}
 TINY = dict(model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
             tie_word_embeddings=False, rope_theta=10000.0)
@@ -53,8 +61,10 @@ def _peft_adapters(hf, root):
     return peft_models
 
 
-def test_kernel_batch_equals_torch_path_and_peft(tmp_path):
-    device = torch.device("cuda" if torch.cuda.is_available() and not interpreting() else "cpu")
+@pytest.mark.parametrize("ops", list(KERNELS.values()), ids=list(KERNELS))
+def test_kernel_batch_equals_torch_path_and_peft(tmp_path, ops):
+    on_cuda = ops[0] is lora_shrink and torch.cuda.is_available() and not interpreting()
+    device = torch.device("cuda" if on_cuda else "cpu")
     torch.manual_seed(0)
     hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(**TINY), dtype=torch.float32).eval()
     peft_models = _peft_adapters(hf, tmp_path)
@@ -69,13 +79,13 @@ def test_kernel_batch_equals_torch_path_and_peft(tmp_path):
 
     gen = torch.Generator().manual_seed(1)
     work = [("r4-qv", 1), (None, 1), ("r16-all", 1), ("r16-all", 1), ("dora", 1),  # decode-like single tokens
-            ("r33-mlp", 9), ("r4-qv", 21), (None, 5), ("dora", 17)]  # prefill chunks
+            ("r33-mlp", 9), ("r4-qv", 21), (None, 5), ("dora", 17), ("r16-all", 40)]  # prefill chunks
     prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for _, n in work]
     blocks = BlockManager(num_blocks=64, block_size=4)
     logits = {}
     for cls in (LoraBatch, KernelLoraBatch):
         runner = ModelRunner(model, num_blocks=64, block_size=4, adapters=mgr)
-        runner.lora_batch = cls
+        runner.lora_batch = LoraBatch.build if cls is LoraBatch else functools.partial(KernelLoraBatch.build, ops=ops)
         batch = ScheduledBatch()
         for i, ((adapter, n), p) in enumerate(zip(work, prompts)):
             s = Sequence(f"{cls.__name__}{i}", p, SamplingParams(), adapter_id=adapter)

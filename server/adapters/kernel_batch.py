@@ -1,4 +1,4 @@
-"""Per-step adapter metadata as tensors for the Triton SGMV kernels (the CUDA path of the LoRA add).
+"""Per-step adapter metadata as tensors for the SGMV kernels: Triton on CUDA, C++ on the CPU.
 
 Built once per step for all layers, from what each resident adapter already keeps on the device
 (its page table and one descriptor row per fused layer, server/adapters/layout.py):
@@ -8,21 +8,32 @@ Built once per step for all layers, from what each resident adapter already keep
 Each Linear then costs two launches whatever the mix of adapters and ranks:
     lora_shrink: h[seg] = x[seg] @ A_cat.T    lora_expand: y[seg, slice_j] += h[seg, r0:r1] @ Bt_j
 Layers no active adapter targets are skipped on the host. DoRA's base scaling (rare) runs in torch.
+`sgmv_ops` picks the kernels for the device and dtype (None: the torch path of batch.py instead).
 """
 from __future__ import annotations
 
 import torch
 
+from kernels import lora_cpu
 from kernels.lora_expand import lora_expand
 from kernels.lora_shrink import lora_shrink
 from server.adapters.batch import adapter_ranges, scale_dora
 from server.adapters.layout import ResidentGroup
 
 
+def sgmv_ops(device: torch.device, dtype: torch.dtype):
+    """(shrink, expand) for activations of `dtype` on `device`, or None when no kernel takes them."""
+    if device.type == "cuda":
+        return lora_shrink, lora_expand
+    if device.type == "cpu" and dtype == torch.float32 and lora_cpu.available():
+        return lora_cpu.cpu_lora_shrink, lora_cpu.cpu_lora_expand
+    return None
+
+
 class KernelLoraBatch:
     def __init__(self, pool: torch.Tensor, adapter_ids: list[str], meta: torch.Tensor, page_table: torch.Tensor,
                  pt_start: torch.Tensor, desc: torch.Tensor, max_len: int, max_rank: int, adapted: set[int],
-                 dora: list[tuple[slice, dict[tuple[int, str], ResidentGroup]]]):
+                 dora: list[tuple[slice, dict[tuple[int, str], ResidentGroup]]], ops=(lora_shrink, lora_expand)):
         self.pool = pool  # [pages, page_size]
         self.adapter_ids = adapter_ids  # slot -> adapter id
         self.seg_start, self.seg_len, self.seg_slot = meta  # int32 [S] each
@@ -30,10 +41,11 @@ class KernelLoraBatch:
         self.max_len, self.max_rank = max_len, max_rank
         self.adapted = adapted  # Linear keys some active adapter targets
         self.dora = dora  # (token rows, groups) of DoRA adapters
+        self.shrink, self.expand = ops
 
     @classmethod
     def build(cls, pool: torch.Tensor, spans: list[tuple[str | None, int, int]], num_tokens: int,
-              resident_of, device: torch.device) -> "KernelLoraBatch | None":
+              resident_of, device: torch.device, ops=(lora_shrink, lora_expand)) -> "KernelLoraBatch | None":
         ranges = adapter_ranges(spans)
         if not ranges:
             return None
@@ -47,21 +59,21 @@ class KernelLoraBatch:
         dora = [(rows, r.groups) for a, r in zip(ids, res) if r.has_dora for rows in ranges[a]]
         return cls(pool, ids, meta, torch.cat([r.page_table for r in res]), pt_start,
                    torch.stack([r.desc for r in res]), max(n for _, n, _ in segs), max(r.max_rank for r in res),
-                   adapted, dora)
+                   adapted, dora, ops)
 
     def apply(self, layer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y [T, out] = the base output of `layer` for x [T, in]; adds each token's adapter delta in place."""
         if layer.key not in self.adapted:
             return y
         h = torch.empty(x.shape[0], self.max_rank, dtype=torch.float32, device=x.device)
-        lora_shrink(h, x, self.pool, self.page_table, self.pt_start, self.desc, layer.key, self.seg_start,
+        self.shrink(h, x, self.pool, self.page_table, self.pt_start, self.desc, layer.key, self.seg_start,
                     self.seg_len, self.seg_slot, self.max_len, self.max_rank)
         key = (layer.layer_idx, layer.slice_names[0])
         for rows, groups in self.dora:
             if key in groups:
                 scale_dora(layer, groups[key], y, rows)
         cols = tuple(layer.slice_offsets[n][0] for n in layer.slice_names)
-        lora_expand(y, h, self.pool, self.page_table, self.pt_start, self.desc, layer.key, cols, layer.slice_sizes,
+        self.expand(y, h, self.pool, self.page_table, self.pt_start, self.desc, layer.key, cols, layer.slice_sizes,
                     self.seg_start, self.seg_len, self.seg_slot, self.max_len)
         return y
 

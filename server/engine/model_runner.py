@@ -1,12 +1,14 @@
 """Turns a scheduled batch into model inputs, runs the forward pass, returns the sampling logits."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from server.adapters.batch import LoraBatch, StepAdapters
 from server.adapters.adaption_batch import AdaptionBatch
 from server.adapters.ia3_batch import Ia3Batch
-from server.adapters.kernel_batch import KernelLoraBatch
+from server.adapters.kernel_batch import KernelLoraBatch, sgmv_ops
 from server.adapters.manager import AdapterManager
 from server.engine.scheduler import ScheduledBatch
 from server.engine.sequence import Sequence
@@ -26,8 +28,9 @@ class ModelRunner:
                                     cfg.head_dim, dtype=model.dtype, device=model.device)
         model.bind_kv_cache(self.kv_cache, block_size)
         self._block_offsets = torch.arange(block_size)
-        # the LoRA add: Triton SGMV kernels on CUDA, pool views + BLAS on the CPU (chosen once)
-        self.lora_batch = KernelLoraBatch if self.device.type == "cuda" else LoraBatch
+        # the LoRA add: SGMV kernels (Triton on CUDA, C++ on the CPU), else pool views + BLAS (chosen once)
+        ops = sgmv_ops(self.device, model.dtype)
+        self.lora_batch = functools.partial(KernelLoraBatch.build, ops=ops) if ops else LoraBatch.build
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -56,7 +59,7 @@ class ModelRunner:
             start += n
         appliers = []
         if spans["lora"]:
-            appliers.append(self.lora_batch.build(self.adapters.pool.buffer, spans["lora"], num_tokens,
+            appliers.append(self.lora_batch(self.adapters.pool.buffer, spans["lora"], num_tokens,
                                                   self.adapters.resident, self.device))
         if spans["ia3"]:
             appliers.append(Ia3Batch.build(spans["ia3"], self.adapters.adapter))
@@ -76,7 +79,7 @@ class ModelRunner:
         """Run embeds [n, hidden] as a sequence at positions 0 .. n - 1, keeping its K/V in `slots` [n]."""
         n = embeds.shape[0]
         slots = slots.to(self.device)
-        attn = AttentionMetadata(slot_mapping=slots, num_decodes=0, decode_block_tables=None, decode_mask=None,
+        attn = AttentionMetadata(slot_mapping=slots, num_decodes=0, decode_block_tables=None, decode_lens=None,
                                  prefills=[PrefillChunk(0, n, n, slots, None)])
         positions = torch.arange(n, device=self.device)
         self.model(positions, positions, attn, inputs_embeds=embeds.to(self.device, self.model.dtype))
@@ -118,15 +121,13 @@ class ModelRunner:
             if seq.num_computed + n == len(seq.token_ids):
                 sample_rows.append(start + n - 1)
                 samplers.append(seq)
-        dec_bt = dec_mask = None
+        dec_bt = dec_len = None
         if nd:
             width = max(len(t) for t in dec_tables)
-            dec_bt = torch.tensor([t + [0] * (width - len(t)) for t in dec_tables], dtype=torch.int64)
-            lens = torch.tensor(dec_lens)
-            dec_mask = (torch.arange(width * bs)[None, :] < lens[:, None])[:, None, None, :]
-            dec_bt, dec_mask = dec_bt.to(self.device), dec_mask.to(self.device)
+            dec_bt = torch.tensor([t + [0] * (width - len(t)) for t in dec_tables], dtype=torch.int64).to(self.device)
+            dec_len = torch.tensor(dec_lens, dtype=torch.int32).to(self.device)
         attn = AttentionMetadata(slot_mapping=torch.cat(slot_parts).to(self.device), num_decodes=nd,
-                                 decode_block_tables=dec_bt, decode_mask=dec_mask, prefills=prefills)
+                                 decode_block_tables=dec_bt, decode_lens=dec_len, prefills=prefills)
         input_ids = torch.tensor(ids, dtype=torch.int64, device=self.device)
         positions = torch.tensor(pos, dtype=torch.int64, device=self.device)
         return input_ids, positions, attn, torch.tensor(sample_rows, device=self.device), samplers

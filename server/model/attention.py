@@ -1,5 +1,6 @@
-"""Attention over the paged KV cache (plain torch; the CUDA kernels issue may swap in a kernel), and
-cache-free attention over padded batches for training (`DenseAttention`).
+"""Attention over the paged KV cache (decode tokens: kernels/paged_attention.py; prefill chunks: torch
+SDPA over the chunk's context), and cache-free attention over padded batches for training
+(`DenseAttention`).
 
 The step's tokens are laid out as [decode tokens (one per sequence) | prefill chunk 0 | chunk 1 ...].
 New keys/values are written into their cache slots first, then each query attends to its
@@ -12,6 +13,8 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from kernels.paged_attention import paged_decode
 
 
 @dataclass
@@ -30,7 +33,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] int64: cache slot where each new token's K/V goes
     num_decodes: int  # the first num_decodes tokens are single-token steps of distinct sequences
     decode_block_tables: torch.Tensor | None  # [B, max_blocks] int64 (padded with block 0)
-    decode_mask: torch.Tensor | None  # [B, 1, 1, max_blocks * block_size] bool (True = attend)
+    decode_lens: torch.Tensor | None  # [B] int32: context length of each decode sequence (this token included)
     prefills: list[PrefillChunk]
 
 
@@ -90,16 +93,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     num_kv_heads = k_cache.shape[1]
     nd = meta.num_decodes
     if nd:
-        # gather whole blocks: [B * max_blocks, block_size, KVH, D] -> [B, KVH, L, D]
-        b, width = meta.decode_block_tables.shape
-        flat = meta.decode_block_tables.flatten()
-        kb = k_cache.view(-1, block_size, *k_cache.shape[1:]).index_select(0, flat)
-        vb = v_cache.view(-1, block_size, *v_cache.shape[1:]).index_select(0, flat)
-        kb = kb.view(b, width * block_size, *k_cache.shape[1:]).transpose(1, 2)
-        vb = vb.view(b, width * block_size, *v_cache.shape[1:]).transpose(1, 2)
-        o = F.scaled_dot_product_attention(q[:nd].unsqueeze(2), kb, vb, attn_mask=meta.decode_mask,
-                                           scale=scale, enable_gqa=num_kv_heads != q.shape[1])
-        out[:nd] = o.squeeze(2)
+        out[:nd] = paged_decode(q[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_lens, block_size, scale)
     for c in meta.prefills:
         qc = q[c.start:c.start + c.length].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
         kc = k_cache[c.slots].transpose(0, 1).unsqueeze(0)  # [1, KVH, ctx, D]
