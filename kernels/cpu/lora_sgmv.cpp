@@ -3,12 +3,13 @@
 //   lora_shrink(h, x, pool, page_table, pt_start, desc, key, seg_start, seg_len, seg_slot)
 //   lora_expand(y, h, pool, page_table, pt_start, desc, key, col_starts, widths, seg_start, seg_len, seg_slot)
 // x / y fp32; the pool fp32 or bf16 (read through the page tables, upcast exactly); h fp32.
-// Short segments (decode tokens, small prefill chunks) run as hand-vectorized GEMV blocks, in
-// parallel over (segment, block of up to ROWS tokens), each weight page read once per block.
+// Short segments (decode tokens, small prefill chunks) run as AVX-512 GEMV blocks, in parallel over
+// (segment, block of up to ROWS tokens), each weight page read from memory once per block.
 // Long segments gather their adapter's rows once and use one BLAS call each.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cstring>
+#include <immintrin.h>
 #include <vector>
 
 namespace {
@@ -17,25 +18,16 @@ constexpr int64_t ROWS = 8;        // tokens per GEMV block (accumulators for al
 constexpr int64_t BLAS_MIN = 32;   // segments at least this long take the gather + BLAS path
 constexpr int64_t DESC_FIELDS = 11;
 
-// One page of P weights as fp32 (a pointer into the pool, or the page upcast into `tmp`).
-template <typename T>
-inline const float* page_f32(const T* pool, int64_t page, int64_t P, float* tmp);
-
-template <>
-inline const float* page_f32<float>(const float* pool, int64_t page, int64_t P, float*) { return pool + page * P; }
-
-template <>
-inline const float* page_f32<at::BFloat16>(const at::BFloat16* pool, int64_t page, int64_t P, float* tmp) {
-  const uint16_t* src = reinterpret_cast<const uint16_t*>(pool + page * P);
-#pragma omp simd
-  for (int64_t i = 0; i < P; ++i) {
-    uint32_t bits = uint32_t(src[i]) << 16;  // bf16 -> fp32 is exact: the high half of the word
-    float f;
-    std::memcpy(&f, &bits, 4);
-    tmp[i] = f;
-  }
-  return tmp;
+// 16 weights as fp32 (bf16 -> fp32 is exact: the bf16 bits are the high half of the fp32 word).
+#if defined(__AVX512F__)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const at::BFloat16* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
+#endif
+inline float to_f32(float v) { return v; }
+inline float to_f32(at::BFloat16 v) { return static_cast<float>(v); }
 
 struct Seg {
   int64_t start, n, slot;
@@ -58,11 +50,21 @@ std::vector<Seg> segments(const torch::Tensor& s0, const torch::Tensor& sl, cons
   return out;
 }
 
-// The [rows, width] matrix at virtual page vpage of an adapter, as one fp32 tensor (BLAS path).
+// The [rows, width] matrix at virtual page vpage of an adapter as an fp32 tensor (BLAS path): a view of
+// the pool when its pages are consecutive (the allocator's usual case), else a gathered copy.
 torch::Tensor gather(const torch::Tensor& pool, const int32_t* table, int64_t vpage, int64_t rows, int64_t width) {
   const int64_t P = pool.size(1), np = rows * width / P;
-  auto idx = torch::from_blob(const_cast<int32_t*>(table + vpage), {np}, torch::kInt32).to(torch::kLong);
-  return pool.index_select(0, idx).view({rows, width}).to(torch::kFloat32);
+  const int32_t* pages = table + vpage;
+  bool run = true;
+  for (int64_t i = 1; i < np && run; ++i) run = pages[i] == pages[0] + i;
+  torch::Tensor m;
+  if (run) {
+    m = pool.narrow(0, pages[0], np).view({rows, width});
+  } else {
+    auto idx = torch::from_blob(const_cast<int32_t*>(pages), {np}, torch::kInt32).to(torch::kLong);
+    m = pool.index_select(0, idx).view({rows, width});
+  }
+  return m.to(torch::kFloat32);
 }
 
 void check_meta(const torch::Tensor& pool, const torch::Tensor& pt, const torch::Tensor& pts, const torch::Tensor& desc,
@@ -75,41 +77,74 @@ void check_meta(const torch::Tensor& pool, const torch::Tensor& pt, const torch:
               "pool: contiguous fp32 or bf16 [pages, P]");
 }
 
+// h[t, r] = x[t] . A[r] for the block's n tokens and every rank row r; A read page by page.
 template <typename T>
 void shrink_block(float* h, int64_t hs, const float* x, int64_t xs, int64_t n, const T* pool, int64_t P,
                   const int32_t* table, int64_t vpage, int64_t rank, int64_t K) {
-  float tmp[4096];
-  float acc[ROWS];
+  const int64_t np = K / P;  // pages per row of A (rows are whole pages)
   for (int64_t r = 0; r < rank; ++r) {
-    for (int64_t t = 0; t < n; ++t) acc[t] = 0.f;
-    for (int64_t k0 = 0; k0 < K; k0 += P) {
-      const int64_t v = vpage * P + r * K + k0;  // virtual element of this page
-      const float* a = page_f32<T>(pool, table[v / P], P, tmp);
-      for (int64_t t = 0; t < n; ++t) {
-        const float* xt = x + t * xs + k0;
-        float s = 0.f;
-#pragma omp simd reduction(+ : s)
-        for (int64_t i = 0; i < P; ++i) s += a[i] * xt[i];
-        acc[t] += s;
+    const int32_t* row = table + vpage + r * np;  // row r's pages, in order
+    for (int64_t t = 0; t < n; ++t) {
+      const float* xt = x + t * xs;
+      float s = 0.f;
+#if defined(__AVX512F__)
+      __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+#endif
+      for (int64_t pi = 0; pi < np; ++pi) {
+        const T* a = pool + int64_t(row[pi]) * P;
+        const float* xk = xt + pi * P;
+        int64_t i = 0;
+#if defined(__AVX512F__)
+        for (; i + 32 <= P; i += 32) {
+          acc0 = _mm512_fmadd_ps(load16(a + i), _mm512_loadu_ps(xk + i), acc0);
+          acc1 = _mm512_fmadd_ps(load16(a + i + 16), _mm512_loadu_ps(xk + i + 16), acc1);
+        }
+        for (; i + 16 <= P; i += 16) acc0 = _mm512_fmadd_ps(load16(a + i), _mm512_loadu_ps(xk + i), acc0);
+#endif
+        for (; i < P; ++i) s += to_f32(a[i]) * xk[i];
       }
+#if defined(__AVX512F__)
+      s += _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+#endif
+      h[t * hs + r] = s;
     }
-    for (int64_t t = 0; t < n; ++t) h[t * hs + r] = acc[t];
   }
 }
 
+// y[t, 0:width] += h[t, r0:r1] @ Bt for the block's n tokens, 64 output columns at a time held in
+// registers across the rank loop (one load and store of y per column chunk).
 template <typename T>
 void expand_block(float* y, int64_t ys, const float* h, int64_t hs, int64_t n, const T* pool, int64_t P,
                   const int32_t* table, int64_t vpage, int64_t r0, int64_t r1, int64_t width) {
-  float tmp[4096];
-  for (int64_t k = 0; k < r1 - r0; ++k) {
-    for (int64_t c0 = 0; c0 < width; c0 += P) {
-      const int64_t v = vpage * P + k * width + c0;
-      const float* b = page_f32<T>(pool, table[v / P], P, tmp);
-      for (int64_t t = 0; t < n; ++t) {
-        const float hk = h[t * hs + r0 + k];
-        float* yt = y + t * ys + c0;
-#pragma omp simd
-        for (int64_t i = 0; i < P; ++i) yt[i] += hk * b[i];
+  const int64_t R = r1 - r0, np = width / P;  // pages per row of Bt
+  const int32_t* rows = table + vpage;  // row k's page ci is rows[k * np + ci]
+  for (int64_t ci = 0; ci < np; ++ci) {  // one page-wide column chunk: the same page offset in every row
+    for (int64_t t = 0; t < n; ++t) {
+      const float* ht = h + t * hs + r0;
+      float* yt = y + t * ys + ci * P;
+      int64_t j = 0;
+#if defined(__AVX512F__)
+      for (; j + 64 <= P; j += 64) {
+        __m512 a0 = _mm512_loadu_ps(yt + j), a1 = _mm512_loadu_ps(yt + j + 16);
+        __m512 a2 = _mm512_loadu_ps(yt + j + 32), a3 = _mm512_loadu_ps(yt + j + 48);
+        for (int64_t k = 0; k < R; ++k) {
+          const T* b = pool + int64_t(rows[k * np + ci]) * P + j;
+          const __m512 hk = _mm512_set1_ps(ht[k]);
+          a0 = _mm512_fmadd_ps(hk, load16(b), a0);
+          a1 = _mm512_fmadd_ps(hk, load16(b + 16), a1);
+          a2 = _mm512_fmadd_ps(hk, load16(b + 32), a2);
+          a3 = _mm512_fmadd_ps(hk, load16(b + 48), a3);
+        }
+        _mm512_storeu_ps(yt + j, a0);
+        _mm512_storeu_ps(yt + j + 16, a1);
+        _mm512_storeu_ps(yt + j + 32, a2);
+        _mm512_storeu_ps(yt + j + 48, a3);
+      }
+#endif
+      for (; j < P; ++j) {
+        float acc = yt[j];
+        for (int64_t k = 0; k < R; ++k) acc += ht[k] * to_f32(pool[int64_t(rows[k * np + ci]) * P + j]);
+        yt[j] = acc;
       }
     }
   }
