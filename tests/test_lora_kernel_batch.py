@@ -71,7 +71,9 @@ def test_kernel_batch_equals_torch_path_and_peft(tmp_path, ops):
     model = LlamaModel(ModelConfig.from_hf_dict(hf.config.to_dict(), name="tiny"), torch.float32, device)
     model.load_weights(dict(hf.state_dict()))
     mgr = AdapterManager(model, adapter_root=tmp_path, device_memory=4 << 20, host_memory=64 << 20, max_lora_rank=64)
-    mgr.pool._free[1::2] = False  # only every other page free: adapters get scattered pages
+    held = [mgr.pool.allocate(1) for _ in range(mgr.pool.num_pages)]
+    for h in held[::2]:  # only every other page free: adapters get scattered pages
+        mgr.pool.free(h)
     for name in peft_models:
         mgr.load(name)
         assert mgr.make_resident(name)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kernels.lora import ref_gather_rows, ref_lora_add, ref_scale_rows
-from server.adapters.pool import PagePool, page_size_for
+from server.adapters.pool import PagePool, PoolFullError, page_size_for
 
 SPLITS = {
     "distinct": lambda t, a: list(range(t)),
@@ -76,3 +76,43 @@ def test_pool_pages_views_and_gathers():
     pool.free(pb)
     with pytest.raises(RuntimeError):
         pool.free(pb)  # double free
+
+
+def test_pool_allocator_against_a_page_by_page_model():
+    """Random allocations and frees checked against a bool-per-page model: page counts, no page handed
+    out twice, a contiguous run whenever one is big enough (best fit), double frees refused, and the
+    pool one free run again at the end."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    pool = PagePool(500, 16, torch.float32, torch.device("cpu"))
+    free = np.ones(500, dtype=bool)
+    held = []
+    for _ in range(400):
+        if held and rng.random() < 0.45:
+            pages = held.pop(int(rng.integers(len(held))))
+            pool.free(pages)
+            free[pages.numpy()] = True
+            continue
+        n = int(rng.integers(1, 60))
+        if n > free.sum():
+            with pytest.raises(PoolFullError):
+                pool.allocate(n)
+            continue
+        runs = np.diff(np.concatenate(([0], free.astype(np.int8), [0])))
+        longest = int((np.flatnonzero(runs == -1) - np.flatnonzero(runs == 1)).max())
+        pages = pool.allocate(n)
+        idx = pages.numpy()
+        assert len(idx) == n and free[idx].all() and (np.diff(idx) > 0).all()
+        if longest >= n:
+            assert idx[-1] - idx[0] == n - 1, "a run that fits exists: the pages must be contiguous"
+        free[idx] = False
+        held.append(pages)
+        assert pool.num_free == free.sum()
+    if held:
+        pool.free(held[0])
+        with pytest.raises(RuntimeError, match="double free"):
+            pool.free(held[0])
+        for pages in held[1:]:
+            pool.free(pages)
+    assert pool.num_free == 500 and pool.allocate(500).tolist() == list(range(500))

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.lora import DESC_FIELDS, pool_view
+from kernels.lora import DESC_FIELDS
 from loader.lora import LoraAdapter
 from server.adapters.pool import PagePool
 
@@ -123,15 +123,21 @@ def place(packed: PackedAdapter, pool: PagePool, pages: torch.Tensor, device: to
     pool.write(pages, packed.flat)
     buf = pool.buffer
     dev_pages = pages.to(device)
+    ids = pages.tolist()  # ascending (the allocator's order): a span is consecutive iff its ends are
+
+    def view(span: tuple[int, int], rows: int, width: int) -> torch.Tensor | None:
+        first, last = ids[span[0]], ids[span[1] - 1]
+        return buf[first:last + 1].view(rows, width) if last - first == span[1] - span[0] - 1 else None
+
     out = {}
     for key, g in packed.groups.items():
-        ap = dev_pages[g.a_pages[0]:g.a_pages[1]]
         slices = []
         for s in g.slices:
-            bp = dev_pages[s.bt_pages[0]:s.bt_pages[1]]
-            slices.append(ResidentSlice(s.name, s.cols, s.r0, s.r1, bp, pool_view(buf, bp, s.r1 - s.r0, s.out_features),
-                                        s.out_features, None if s.dora_g is None else s.dora_g.to(device)))
-        out[key] = ResidentGroup(ap, pool_view(buf, ap, g.rank, g.in_features), g.in_features, g.rank, slices)
+            slices.append(ResidentSlice(s.name, s.cols, s.r0, s.r1, dev_pages[s.bt_pages[0]:s.bt_pages[1]],
+                                        view(s.bt_pages, s.r1 - s.r0, s.out_features), s.out_features,
+                                        None if s.dora_g is None else s.dora_g.to(device)))
+        out[key] = ResidentGroup(dev_pages[g.a_pages[0]:g.a_pages[1]], view(g.a_pages, g.rank, g.in_features),
+                                 g.in_features, g.rank, slices)
     adapted = frozenset(torch.nonzero(packed.desc[:, 1]).flatten().tolist())
     has_dora = any(s.dora_g is not None for g in packed.groups.values() for s in g.slices)
     return Resident(out, dev_pages.to(torch.int32), packed.desc.to(device), packed.max_rank, adapted, has_dora)

@@ -9,6 +9,7 @@ page tables.
 """
 from __future__ import annotations
 
+import bisect
 import math
 from functools import reduce
 
@@ -28,13 +29,17 @@ def page_size_for(widths: list[int], cap: int = 4096) -> int:
 
 
 class PagePool:
+    """Pages of one device buffer, handed out from a sorted list of free runs [start, length): allocation
+    and freeing cost O(number of runs), not O(pages), so a pool of millions of pages stays cheap."""
+
     def __init__(self, num_pages: int, page_size: int, dtype: torch.dtype, device: torch.device):
         if num_pages < 1:
             raise ValueError(f"the adapter pool needs at least one page of {page_size} elements")
         self.page_size = page_size
         self.num_pages = num_pages
         self.buffer = torch.zeros(num_pages, page_size, dtype=dtype, device=device)  # [pages, page_size]
-        self._free = np.ones(num_pages, dtype=bool)
+        self._runs: list[list[int]] = [[0, num_pages]]  # free runs, sorted, disjoint and never adjacent
+        self._num_free = num_pages
 
     @property
     def nbytes(self) -> int:
@@ -42,43 +47,69 @@ class PagePool:
 
     @property
     def num_free(self) -> int:
-        return int(self._free.sum())
+        return self._num_free
 
     @property
     def num_used(self) -> int:
-        return self.num_pages - self.num_free
+        return self.num_pages - self._num_free
 
     def pages_for(self, numel: int) -> int:
         return -(-numel // self.page_size)
 
     def allocate(self, n: int) -> torch.Tensor:
-        """n page ids (int64, ascending runs): the best-fitting contiguous run, else the longest runs."""
-        if n > self.num_free:
-            raise PoolFullError(f"{n} pages needed, {self.num_free} free of {self.num_pages}")
-        edges = np.diff(np.concatenate(([0], self._free.astype(np.int8), [0])))
-        starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
-        lens = ends - starts
-        fits = np.flatnonzero(lens >= n)
-        if fits.size:
-            i = fits[np.argmin(lens[fits])]
-            pages = np.arange(starts[i], starts[i] + n)
+        """n page ids (int64, ascending): the best-fitting contiguous run, else pieces of the longest runs."""
+        if n > self._num_free:
+            raise PoolFullError(f"{n} pages needed, {self._num_free} free of {self.num_pages}")
+        fits = [i for i, (_, length) in enumerate(self._runs) if length >= n]
+        if fits:
+            i = min(fits, key=lambda j: self._runs[j][1])
+            chunks = [self._take(i, n)]
         else:
             chunks, left = [], n
-            for i in np.argsort(-lens, kind="stable"):
-                take = min(left, lens[i])
-                chunks.append(np.arange(starts[i], starts[i] + take))
+            for start, length in sorted(self._runs, key=lambda r: -r[1]):  # stable: lower starts first
+                take = min(left, length)
+                chunks.append((start, take))
                 left -= take
                 if left == 0:
                     break
-            pages = np.sort(np.concatenate(chunks))
-        self._free[pages] = False
+            for start, take in chunks:
+                self._take(bisect.bisect_left(self._runs, [start, 0]), take)
+        self._num_free -= n
+        pages = np.sort(np.concatenate([np.arange(s, s + k) for s, k in chunks]))
         return torch.from_numpy(pages.astype(np.int64))
 
+    def _take(self, i: int, k: int) -> tuple[int, int]:
+        """The first k pages of free run i."""
+        start, length = self._runs[i]
+        if k == length:
+            del self._runs[i]
+        else:
+            self._runs[i] = [start + k, length - k]
+        return start, k
+
     def free(self, pages: torch.Tensor) -> None:
-        idx = pages.numpy()
-        if (self._free[idx]).any():
+        idx = np.sort(pages.numpy())
+        cuts = np.flatnonzero(np.diff(idx) != 1) + 1
+        for run in np.split(idx, cuts):
+            self._give_back(int(run[0]), len(run))
+        self._num_free += len(idx)
+
+    def _give_back(self, start: int, k: int) -> None:
+        i = bisect.bisect_left(self._runs, [start, 0])
+        prev = self._runs[i - 1] if i else None
+        nxt = self._runs[i] if i < len(self._runs) else None
+        if (prev and prev[0] + prev[1] > start) or (nxt and nxt[0] < start + k) or k < 1 or start < 0 \
+                or start + k > self.num_pages:
             raise RuntimeError("double free of adapter pool pages")
-        self._free[idx] = True
+        if prev and prev[0] + prev[1] == start:  # coalesce with the run before, then the one after
+            prev[1] += k
+            if nxt and nxt[0] == start + k:
+                prev[1] += nxt[1]
+                del self._runs[i]
+        elif nxt and nxt[0] == start + k:
+            nxt[0], nxt[1] = start, nxt[1] + k
+        else:
+            self._runs.insert(i, [start, k])
 
     def write(self, pages: torch.Tensor, data: torch.Tensor) -> None:
         """Copy a tensor's elements into its pages (sized in whole pages): one copy when they are consecutive."""
