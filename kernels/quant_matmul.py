@@ -1,8 +1,9 @@
 """y = x @ dequantize(w).T for int4/int8 weights (formats: kernels/quant.py), chosen once per device.
 
 CPU: a small C++ extension (kernels/cpu/quant_gemm.cpp, built on first use with torch's
-cpp_extension) that fuses dequantization into the dot products for decode-sized batches and
-dequantizes once then runs one sgemm for prefill. torch's own `_weight_int8pack_mm` /
+cpp_extension): a GEMV with dequantization fused into the dot products for small batches, a tiled
+kernel (rows dequantized into L1, register-blocked over 32 batch rows) for many decoding
+sequences, and dequantize-once + one sgemm for prefill. torch's own `_weight_int8pack_mm` /
 `_weight_int4pack_mm_for_cpu` measured 6-40x slower than fp32 on this project's CPU with fp32
 activations (bench/RESULTS.md), so they are not used. Without a compiler: the reference.
 CUDA: `triton_quant_linear`, one Triton kernel that dequantizes tiles of the packed weight in
@@ -19,9 +20,12 @@ from kernels import cpu_ext
 from kernels.quant import QuantizedWeight, ref_dequantize
 from kernels.triton_env import check, dot_in_fp32
 
-# above this many rows, dequantize once and use one sgemm (crossovers measured on the 30 layers of
-# SmolLM2, 2026-11-30: int4 GEMV 92-100 ms vs 117-121 ms at 32 rows, even at ~40; int8 even at ~28)
-GEMV_MAX_ROWS = {4: 32, 8: 24}
+# Which CPU kernel serves how many rows (crossovers measured on SmolLM2's 30 layers, 2026-11-30, 2
+# threads): the GEMV up to 16 rows; the tiled kernel (a few dequantized rows in L1 times x^T, 28
+# outputs x 32 rows of accumulators) up to 96 (int4) / 64 (int8) rows: at 32 rows 65 ms against
+# 89-125 ms GEMV and 125-129 ms dequantize+sgemm; beyond that, dequantize once and one sgemm.
+GEMV_MAX_ROWS = 16
+TILED_MAX_ROWS = {4: 96, 8: 64}
 
 
 def ref_quant_linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -49,11 +53,14 @@ def cpu_quant_linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | N
     if ext is None or x.dtype != torch.float32:
         return ref_quant_linear(x, w, bias)
     x = x.contiguous()
-    if x.shape[0] <= GEMV_MAX_ROWS[w.bits]:
-        if w.bits == 4:
-            y = ext.int4_linear(x, w.qweight, w.scales, w.mins, w.group_size)
-        else:
-            y = ext.int8_linear(x, w.qweight, w.scales, w.group_size)
+    rows = x.shape[0]
+    if rows <= GEMV_MAX_ROWS:
+        y = (ext.int4_linear(x, w.qweight, w.scales, w.mins, w.group_size) if w.bits == 4
+             else ext.int8_linear(x, w.qweight, w.scales, w.group_size))
+        return y if bias is None else y.add_(bias)
+    if rows <= TILED_MAX_ROWS[w.bits]:
+        y = (ext.int4_linear_tiled(x, w.qweight, w.scales, w.mins, w.group_size) if w.bits == 4
+             else ext.int8_linear_tiled(x, w.qweight, w.scales, w.group_size))
         return y if bias is None else y.add_(bias)
     return torch.nn.functional.linear(x, dequantize(w), bias)
 

@@ -10,6 +10,7 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <cstring>
+#include <vector>
 
 namespace {
 
@@ -137,6 +138,102 @@ void int8_rows(const float* x, int64_t B, int64_t K, const int8_t* q, const at::
   }
 }
 
+// ---- medium batches (decode of many sequences): each thread dequantizes a few output rows at a
+// time into a small row-major fp32 tile (vectorized, L1-resident) and multiplies it against x^T
+// held k-major, vectorized over 16 batch rows: NTR outputs x BC*16 rows of accumulators in
+// registers, one broadcast weight per output and BC loads of x^T per k. Out comes y^T.
+
+// Row-major fp32 rows n0 .. n0 + nr of the weight (rows past nr of the tile left as they are).
+void int4_rows_f32(const uint8_t* q, const at::Half* s, const at::Half* m, int64_t K, int64_t G, int64_t n0,
+                   int64_t nr, float* W) {
+  const int64_t ng = (K + G - 1) / G;
+  for (int64_t j = 0; j < nr; ++j) {
+    const uint8_t* qn = q + (n0 + j) * (K / 2);
+    float* o = W + j * K;
+    for (int64_t k0 = 0; k0 < K; k0 += 32) {
+      const float sc = h2f(s[(n0 + j) * ng + k0 / G]), mn = h2f(m[(n0 + j) * ng + k0 / G]);
+#if defined(__AVX512F__)
+      const __m512 table = _mm512_fmadd_ps(_mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                           _mm512_set1_ps(sc), _mm512_set1_ps(mn));
+      const __m512i b32 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qn + k0 / 2)));
+      _mm512_storeu_ps(o + k0, _mm512_permutexvar_ps(b32, table));
+      _mm512_storeu_ps(o + k0 + 16, _mm512_permutexvar_ps(_mm512_srli_epi32(b32, 4), table));
+#else
+      for (int i = 0; i < 16; ++i) {
+        const uint8_t v = qn[k0 / 2 + i];
+        o[k0 + i] = float(v & 0xF) * sc + mn;
+        o[k0 + 16 + i] = float(v >> 4) * sc + mn;
+      }
+#endif
+    }
+  }
+}
+
+void int8_rows_f32(const int8_t* q, const at::Half* s, int64_t K, int64_t G, int64_t n0, int64_t nr, float* W) {
+  const int64_t ng = (K + G - 1) / G;
+  for (int64_t j = 0; j < nr; ++j)
+    for (int64_t g = 0; g < ng; ++g) {
+      const float sc = h2f(s[(n0 + j) * ng + g]);
+      const int8_t* qn = q + (n0 + j) * K;
+      for (int64_t k = g * G; k < std::min<int64_t>(K, (g + 1) * G); ++k) W[j * K + k] = float(qn[k]) * sc;
+    }
+}
+
+#if defined(__AVX512F__)
+template <int NTR, int BC>
+void micro_t(const float* xT, int64_t Bp, int64_t b0, int64_t K, const float* W, float* yT, int64_t n0, int64_t nr) {
+  __m512 acc[NTR][BC];
+  for (int n = 0; n < NTR; ++n)
+    for (int c = 0; c < BC; ++c) acc[n][c] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    __m512 xv[BC];
+    for (int c = 0; c < BC; ++c) xv[c] = _mm512_loadu_ps(xT + k * Bp + b0 + 16 * c);
+#pragma GCC unroll 28
+    for (int n = 0; n < NTR; ++n) {
+      const __m512 w = _mm512_set1_ps(W[n * K + k]);
+      for (int c = 0; c < BC; ++c) acc[n][c] = _mm512_fmadd_ps(w, xv[c], acc[n][c]);
+    }
+  }
+  for (int n = 0; n < nr; ++n)
+    for (int c = 0; c < BC; ++c) _mm512_storeu_ps(yT + (n0 + n) * Bp + b0 + 16 * c, acc[n][c]);
+}
+#endif
+
+template <typename Rows>
+torch::Tensor tiled_linear(const torch::Tensor& x, int64_t N, Rows rows) {
+  const int64_t B = x.size(0), K = x.size(1), Bp = (B + 15) / 16 * 16;
+  auto xT = torch::zeros({K, Bp}, x.options());
+  xT.narrow(1, 0, B).copy_(x.t());
+  auto yT = torch::empty({N, Bp}, x.options());
+  const float* xp = xT.data_ptr<float>();
+  float* yp = yT.data_ptr<float>();
+  constexpr int64_t NTR = 14;  // with BC = 2: 28 accumulators; the 16-row remainder uses 28 outputs
+  const int64_t tiles = (N + 27) / 28;
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> W(28 * K, 0.f);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * 28, nr = std::min<int64_t>(28, N - n0);
+      rows(n0, nr, W.data());
+#if defined(__AVX512F__)
+      int64_t b0 = 0;
+      for (; b0 + 32 <= Bp; b0 += 32) {
+        micro_t<NTR, 2>(xp, Bp, b0, K, W.data(), yp, n0, std::min<int64_t>(NTR, nr));
+        if (nr > NTR) micro_t<NTR, 2>(xp, Bp, b0, K, W.data() + NTR * K, yp, n0 + NTR, nr - NTR);
+      }
+      if (b0 < Bp) micro_t<28, 1>(xp, Bp, b0, K, W.data(), yp, n0, nr);
+#else
+      for (int64_t n = 0; n < nr; ++n)
+        for (int64_t b = 0; b < Bp; ++b) {
+          float acc = 0.f;
+          for (int64_t k = 0; k < K; ++k) acc += W[n * K + k] * xp[k * Bp + b];
+          yp[(n0 + n) * Bp + b] = acc;
+        }
+#endif
+    }
+  });
+  return yT.narrow(1, 0, B).t().contiguous();
+}
+
 }  // namespace
 
 torch::Tensor int4_linear(torch::Tensor x, torch::Tensor q, torch::Tensor s, torch::Tensor m, int64_t G) {
@@ -168,6 +265,27 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor s, int
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) { int8_rows(xp, B, K, qp, sp, G, n0, n1, N, yp); });
   return y;
+}
+
+// Medium batches: the tiled kernels (semantics as int4_linear / int8_linear).
+torch::Tensor int4_linear_tiled(torch::Tensor x, torch::Tensor q, torch::Tensor s, torch::Tensor m, int64_t G) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(), "x: contiguous f32 [B, K]");
+  TORCH_CHECK(q.dtype() == torch::kUInt8 && s.dtype() == torch::kHalf && m.dtype() == torch::kHalf, "int4 dtypes");
+  const int64_t K = x.size(1), N = q.size(0);
+  TORCH_CHECK(q.size(1) * 2 == K && G % 32 == 0 && K % 32 == 0 && s.size(1) == (K + G - 1) / G, "int4 shapes");
+  const uint8_t* qp = q.data_ptr<uint8_t>();
+  const at::Half *sp = s.data_ptr<at::Half>(), *mp = m.data_ptr<at::Half>();
+  return tiled_linear(x, N, [&](int64_t n0, int64_t nr, float* W) { int4_rows_f32(qp, sp, mp, K, G, n0, nr, W); });
+}
+
+torch::Tensor int8_linear_tiled(torch::Tensor x, torch::Tensor q, torch::Tensor s, int64_t G) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(), "x: contiguous f32 [B, K]");
+  TORCH_CHECK(q.dtype() == torch::kInt8 && s.dtype() == torch::kHalf, "int8 dtypes");
+  const int64_t K = x.size(1), N = q.size(0);
+  TORCH_CHECK(q.size(1) == K && G % 32 == 0 && K % 32 == 0 && s.size(1) == (K + G - 1) / G, "int8 shapes");
+  const int8_t* qp = q.data_ptr<int8_t>();
+  const at::Half* sp = s.data_ptr<at::Half>();
+  return tiled_linear(x, N, [&](int64_t n0, int64_t nr, float* W) { int8_rows_f32(qp, sp, K, G, n0, nr, W); });
 }
 
 // Dequantize to fp32 [N, K] (prefill path: then one sgemm).
@@ -210,6 +328,8 @@ torch::Tensor int8_dequantize(torch::Tensor q, torch::Tensor s, int64_t G) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("int4_linear", &int4_linear);
   mod.def("int8_linear", &int8_linear);
+  mod.def("int4_linear_tiled", &int4_linear_tiled);
+  mod.def("int8_linear_tiled", &int8_linear_tiled);
   mod.def("int4_dequantize", &int4_dequantize);
   mod.def("int8_dequantize", &int8_dequantize);
 }
