@@ -122,6 +122,8 @@ def main() -> None:
     ap.add_argument("--prompt-kinds", type=int, default=8,
                     help="also 8 prefix-tuning and 8 prompt-tuning adapters (16 virtual tokens); 0 = skip")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--no-bf16-pool", dest="bf16_pool", action="store_false",
+                    help="skip the row with the largest adapter count served from a bf16 pool")
     args = ap.parse_args()
 
     engine = LLMEngine.from_config(EngineConfig(device=args.device, adapter_root=str(CACHE),
@@ -131,23 +133,31 @@ def main() -> None:
         engine.adapters.load(n)
     prompts = workload(engine.tokenizer, args.requests, args.new_tokens)
     run_ours(engine, prompts[:2], None, 2)  # warm-up
-    configs = [("base only", None)] + [(f"{k} distinct", names[:k]) for k in args.distinct]
+    configs = [("base only", engine, None)] + [(f"{k} distinct", engine, names[:k]) for k in args.distinct]
+    if args.bf16_pool:  # the same adapters in a second engine whose pool holds bf16 pages (--lora-dtype bfloat16)
+        engine16 = LLMEngine.from_config(EngineConfig(device=args.device, adapter_root=str(CACHE), adapter_memory=1 << 30,
+                                                      max_num_seqs=64, lora_dtype="bfloat16"))
+        k = max(args.distinct)
+        for n in names[:k]:
+            engine16.adapters.load(n)
+        run_ours(engine16, prompts[:2], None, 2)
+        configs.append((f"{k} distinct, bf16 pool", engine16, names[:k]))
     for kind in ("prefix", "prompt") if args.prompt_kinds else ():
         kn = make_prompt_adapters(engine.model_config, args.prompt_kinds, kind)
         for n in kn:
             engine.adapters.load(n)
-        configs.append((f"{args.prompt_kinds} {kind}-tuning adapters (16 virtual tokens)", kn))
+        configs.append((f"{args.prompt_kinds} {kind}-tuning adapters (16 virtual tokens)", engine, kn))
     # rounds over all configurations: this machine is shared and noisy (identical runs swing 1.5x), so each
     # round runs every configuration back to back and each ratio is taken against the same round's
     # base-only run; the table reports medians over rounds (tok/s and ratios)
-    tps: dict[str, list[float]] = {label: [] for label, _ in configs}
+    tps: dict[str, list[float]] = {label: [] for label, _, _ in configs}
     for r in range(args.rounds):
-        for label, adapters in configs:
-            tps[label].append(run_ours(engine, prompts, adapters, args.new_tokens))
+        for label, eng, adapters in configs:
+            tps[label].append(run_ours(eng, prompts, adapters, args.new_tokens))
             print(f"  round {r + 1} ours {label}: {tps[label][-1]:.1f} tok/s", flush=True)
     base_runs = tps[configs[0][0]]
     rows = [(label, statistics.median(tps[label]),
-             statistics.median(t / b for t, b in zip(tps[label], base_runs))) for label, _ in configs]
+             statistics.median(t / b for t, b in zip(tps[label], base_runs))) for label, _, _ in configs]
     peft_tps = None
     if not args.skip_peft:
         from peft import PeftModel

@@ -35,6 +35,7 @@ class EngineConfig:
     adapter_memory: int = 512 << 20  # bytes of the device adapter pool
     adapter_host_memory: int = 4 << 30  # bytes of adapters kept in host memory (LRU)
     max_lora_rank: int = 64
+    lora_dtype: str = "auto"  # dtype of the adapter pool: auto = the model's dtype (bfloat16 halves its bytes)
     max_loras: int = 32  # distinct adapters in one batch
     load_adapters_on_demand: bool = True
     adapter_kv_fraction: float = 0.25  # share of the KV cache that prompt-learning adapters' prefixes may hold  # a Generate naming an unloaded id under adapter_root loads it
@@ -45,6 +46,8 @@ class EngineConfig:
             problems.append(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.dtype not in ("auto", *_DTYPES):
             problems.append(f"dtype must be auto, {', '.join(_DTYPES)}, got {self.dtype!r}")
+        if self.lora_dtype not in ("auto", *_DTYPES):
+            problems.append(f"lora_dtype must be auto, {', '.join(_DTYPES)}, got {self.lora_dtype!r}")
         if self.quantize not in ("auto", "none", "int8", "int4"):
             problems.append(f"quantize must be auto, none, int8 or int4, got {self.quantize!r}")
         if self.quant_group_size not in (32, 64, 128):
@@ -65,6 +68,10 @@ class EngineConfig:
     @property
     def torch_device(self) -> torch.device:
         return resolve_device(self.device)
+
+    @property
+    def torch_lora_dtype(self) -> torch.dtype:
+        return self.torch_dtype if self.lora_dtype == "auto" else _DTYPES[self.lora_dtype]
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -55,6 +55,35 @@ def test_mixed_adapter_batch_equals_peft(root):
     assert engine.blocks.allocator.num_used == 0
     assert all(i["pins"] == 0 and i["active_requests"] == 0 for i in engine.adapters.infos())
 
+def test_lora_dtype_bfloat16_from_the_cli_builds_a_bf16_pool_read_by_the_cpu_kernels(root):
+    """`--lora-dtype bfloat16` through the server's own parser and config: a bf16 pool with twice the pages
+    for the same bytes, read by the C++ SGMV, serving a mixed batch to the end. (Exactness of bf16 pages
+    against PEFT is tests/test_lora_kernel_batch.py's bf16-exact test; rounding random fp32 adapters to
+    bf16 may move a greedy token late in a generation, so tokens are not compared here.)"""
+    import torch
+
+    from kernels import lora_cpu
+    from server.cli import build_parser, configs
+
+    cfg, _ = configs(build_parser().parse_args(["--adapter-root", str(root), "--lora-dtype", "bfloat16"]))
+    engine = LLMEngine.from_config(cfg)
+    pool = engine.adapters.pool
+    assert pool.buffer.dtype == torch.bfloat16 and pool.num_pages * pool.page_size * 2 == pool.nbytes
+    assert pool.nbytes <= cfg.adapter_memory < pool.num_pages * pool.page_size * 4
+    if lora_cpu.available():
+        assert engine.runner.lora_batch.keywords["ops"] == (lora_cpu.cpu_lora_shrink, lora_cpu.cpu_lora_expand)
+    names = ("r4-qv", "r8-all-linear", "dora-r8")
+    for name in names:
+        engine.adapters.load(name)
+    info = {i["adapter_id"]: i for i in engine.adapters.infos()}
+    flat = engine.adapters.entries["r4-qv"].host.flat
+    assert flat.dtype == torch.bfloat16 and info["r4-qv"]["bytes"] == flat.numel() * 2  # ListAdapters' size
+    work = [(name, engine.tokenizer(p).input_ids) for p in PROMPTS for name in names]
+    got = run(engine, work, every=1)
+    assert all(len(t) == N_NEW for t in got)
+    assert engine.blocks.allocator.num_used == 0
+
+
 
 def test_pool_of_two_serves_eight_in_rotation(root):
     names = [n for n in NAMES if n != "r64-mlp"][:8]

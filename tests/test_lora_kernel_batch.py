@@ -37,7 +37,8 @@ TINY = dict(model_type="llama", vocab_size=256, hidden_size=64, intermediate_siz
             tie_word_embeddings=False, rope_theta=10000.0)
 
 
-def _peft_adapters(hf, root):
+def _peft_adapters(hf, root, names=None, bf16_exact=False):
+    """PEFT-made adapters with random weights (bf16_exact: every weight a bf16 value, and scales powers of 2)."""
     from peft import LoraConfig, get_peft_model
 
     specs = {
@@ -48,17 +49,48 @@ def _peft_adapters(hf, root):
     }
     peft_models = {}
     for i, (name, cfg) in enumerate(specs.items()):
+        if names is not None and name not in names:
+            continue
         m = get_peft_model(copy.deepcopy(hf), cfg)
         g = torch.Generator().manual_seed(i)
         with torch.no_grad():
             for n, p in m.named_parameters():
                 if "lora_A" in n or "lora_B" in n:
                     p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+                    if bf16_exact:
+                        p.copy_(p.bfloat16().float())
                 elif "magnitude" in n:
                     p.mul_(1 + 0.3 * torch.randn(p.shape, generator=g))
         m.save_pretrained(root / name)
         peft_models[name] = m.eval()
     return peft_models
+
+
+def _run_batch(runner, blocks, work, prompts, tag):
+    """One step over `work` [(adapter or None, tokens)] through `runner`: (logits [T, vocab], the step's applier)."""
+    batch = ScheduledBatch()
+    for i, ((adapter, n), p) in enumerate(zip(work, prompts)):
+        s = Sequence(f"{tag}{i}", p, SamplingParams(), adapter_id=adapter)
+        blocks.grow(s, n)
+        batch.seqs.append(s)
+        batch.num_tokens.append(n)
+    with torch.inference_mode():
+        ids, pos, attn, _, _ = runner._prepare(batch)
+        lora = runner._adapter_batch(batch, ids.numel())
+        logits = runner.model.logits(runner.model(ids, pos, attn, adapters=lora)).cpu()
+    for s in batch.seqs:
+        blocks.free(s)
+    return logits, lora
+
+
+def _assert_equals_peft(logits, work, prompts, hf, peft_models):
+    row = 0
+    for (adapter, n), p in zip(work, prompts):
+        oracle = hf if adapter is None else peft_models[adapter]
+        with torch.no_grad():
+            want = oracle(torch.tensor([p])).logits[0].float()
+        torch.testing.assert_close(logits[row:row + n], want, rtol=1e-4, atol=1e-4)
+        row += n
 
 
 @pytest.mark.parametrize("ops", list(KERNELS.values()), ids=list(KERNELS))
@@ -88,26 +120,39 @@ def test_kernel_batch_equals_torch_path_and_peft(tmp_path, ops):
     for cls in (LoraBatch, KernelLoraBatch):
         runner = ModelRunner(model, num_blocks=64, block_size=4, adapters=mgr)
         runner.lora_batch = LoraBatch.build if cls is LoraBatch else functools.partial(KernelLoraBatch.build, ops=ops)
-        batch = ScheduledBatch()
-        for i, ((adapter, n), p) in enumerate(zip(work, prompts)):
-            s = Sequence(f"{cls.__name__}{i}", p, SamplingParams(), adapter_id=adapter)
-            blocks.grow(s, n)
-            batch.seqs.append(s)
-            batch.num_tokens.append(n)
-        with torch.inference_mode():
-            ids, pos, attn, _, _ = runner._prepare(batch)
-            lora = runner._adapter_batch(batch, ids.numel())
-            assert isinstance(lora, cls)
-            logits[cls] = model.logits(model(ids, pos, attn, adapters=lora)).cpu()
-        for s in batch.seqs:
-            blocks.free(s)
+        logits[cls], lora = _run_batch(runner, blocks, work, prompts, cls.__name__)
+        assert isinstance(lora, cls)
     torch.testing.assert_close(logits[KernelLoraBatch], logits[LoraBatch], rtol=1e-4, atol=1e-4)
-    row = 0
-    for (adapter, n), p in zip(work, prompts):
-        oracle = hf if adapter is None else peft_models[adapter]
-        with torch.no_grad():
-            want = oracle(torch.tensor([p])).logits[0].float()
-        torch.testing.assert_close(logits[KernelLoraBatch][row:row + n], want, rtol=1e-4, atol=1e-4)
-        row += n
+    _assert_equals_peft(logits[KernelLoraBatch], work, prompts, hf, peft_models)
     base = hf(torch.tensor([prompts[6]])).logits[0]
     assert (logits[KernelLoraBatch][8:8 + 21] - base).abs().max() > 1e-2, "the adapter must change the logits"
+
+
+@pytest.mark.parametrize("path", ["default", "torch"])
+def test_bf16_pool_equals_peft_on_bf16_exact_adapters(tmp_path, path):
+    """--lora-dtype bfloat16 on the CPU: the pool holds bf16 pages (twice as many for the same bytes), the
+    math stays fp32, so adapters whose weights are bf16 values give PEFT's fp32 logits, through the
+    runner's own kernel choice (the C++ SGMV) and through the torch fallback (upcast per step)."""
+    if path == "default" and not lora_cpu.available():
+        pytest.skip("no C++ compiler for the CPU kernels")
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(**TINY), dtype=torch.float32).eval()
+    peft_models = _peft_adapters(hf, tmp_path, names=("r4-qv", "r16-all", "r33-mlp"), bf16_exact=True)
+    model = LlamaModel(ModelConfig.from_hf_dict(hf.config.to_dict(), name="tiny"), torch.float32, torch.device("cpu"))
+    model.load_weights(dict(hf.state_dict()))
+    kw = dict(adapter_root=tmp_path, device_memory=1 << 20, host_memory=64 << 20, max_lora_rank=64)
+    mgr = AdapterManager(model, lora_dtype=torch.bfloat16, **kw)
+    assert mgr.pool.buffer.dtype == torch.bfloat16
+    assert mgr.pool.num_pages == 2 * AdapterManager(model, **kw).pool.num_pages
+    for name in peft_models:
+        mgr.load(name)
+        assert mgr.make_resident(name)
+    runner = ModelRunner(model, num_blocks=64, block_size=4, adapters=mgr)
+    if path == "torch":
+        runner.lora_batch = LoraBatch.build
+    gen = torch.Generator().manual_seed(2)
+    work = [("r4-qv", 1), ("r16-all", 1), (None, 1), ("r33-mlp", 1), ("r16-all", 12), ("r4-qv", 40)]
+    prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for _, n in work]
+    logits, lora = _run_batch(runner, BlockManager(num_blocks=64, block_size=4), work, prompts, path)
+    assert isinstance(lora, KernelLoraBatch if path == "default" else LoraBatch)
+    _assert_equals_peft(logits, work, prompts, hf, peft_models)

@@ -78,12 +78,14 @@ class LoraBatch:
             if g is None:
                 continue
             A = g.A if g.A is not None else ref_gather_rows(self.pool, g.a_pages, g.rank, g.in_features)
+            A = A.to(x.dtype)  # a pool in another dtype (--lora-dtype) is upcast here
             for rows in seg.rows:
                 h = x[rows] @ A.t()  # [n, sum r]
                 scale_dora(layer, g, y, rows)
                 for s in g.slices:
                     Bt = s.Bt if s.Bt is not None else ref_gather_rows(self.pool, s.bt_pages, s.r1 - s.r0,
                                                                        s.out_features)
+                    Bt = Bt.to(y.dtype)
                     y[rows, s.cols[0]:s.cols[1]].addmm_(h[:, s.r0:s.r1], Bt)
         return y
 

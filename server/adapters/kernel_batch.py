@@ -21,11 +21,13 @@ from server.adapters.batch import adapter_ranges, scale_dora
 from server.adapters.layout import ResidentGroup
 
 
-def sgmv_ops(device: torch.device, dtype: torch.dtype):
-    """(shrink, expand) for activations of `dtype` on `device`, or None when no kernel takes them."""
-    if device.type == "cuda":
+def sgmv_ops(device: torch.device, dtype: torch.dtype, pool_dtype: torch.dtype):
+    """(shrink, expand) for activations of `dtype` and a pool of `pool_dtype` on `device`, or None when
+    no kernel takes them (Triton: one dtype for both; the CPU kernels: fp32 activations, fp32/bf16 pool)."""
+    if device.type == "cuda" and dtype == pool_dtype:
         return lora_shrink, lora_expand
-    if device.type == "cpu" and dtype == torch.float32 and lora_cpu.available():
+    if device.type == "cpu" and dtype == torch.float32 and pool_dtype in (torch.float32, torch.bfloat16) \
+            and lora_cpu.available():
         return lora_cpu.cpu_lora_shrink, lora_cpu.cpu_lora_expand
     return None
 

@@ -49,8 +49,9 @@ class PackedAdapter:
     max_rank: int  # the largest sum of ranks over fused layers (width of the kernels' h)
 
 
-def pack(adapter: LoraAdapter, model, page_size: int, pin: bool) -> PackedAdapter:
-    """Lay the adapter out in page order (A_cat then Bt per fused layer) in one host buffer."""
+def pack(adapter: LoraAdapter, model, page_size: int, pin: bool, dtype: torch.dtype | None = None) -> PackedAdapter:
+    """Lay the adapter out in page order (A_cat then Bt per fused layer) in one host buffer of `dtype`
+    (the pool's; the scale is folded in at the adapter's precision first, then rounded once)."""
     parts, groups, at = [], {}, 0
     by_linear: dict[tuple[int, str], list[str]] = {}
     desc = torch.zeros(len(model.linears()), DESC_FIELDS, dtype=torch.int32)
@@ -79,6 +80,8 @@ def pack(adapter: LoraAdapter, model, page_size: int, pin: bool) -> PackedAdapte
             r += m.rank
         groups[(layer, first)] = GroupLayout((a_start, a_start + a.numel() // page_size), a.shape[1], r, slices)
     flat = torch.cat(parts)
+    if dtype is not None:
+        flat = flat.to(dtype)
     assert flat.numel() == at * page_size, "row widths must be multiples of the page size"
     if pin:
         flat = flat.pin_memory()

@@ -63,7 +63,7 @@ class AdapterEntry:
 
 class AdapterManager:
     def __init__(self, model, *, adapter_root: Path | None, device_memory: int, host_memory: int,
-                 max_lora_rank: int, load_on_demand: bool = True):
+                 max_lora_rank: int, load_on_demand: bool = True, lora_dtype: torch.dtype | None = None):
         self.model = model
         self.cfg = model.config
         self.dtype, self.device = model.dtype, model.device
@@ -73,15 +73,17 @@ class AdapterManager:
         self.load_on_demand = load_on_demand
         dims = module_dims(self.cfg)
         page = page_size_for([d for pair in dims.values() for d in pair])
-        elem = torch.empty(0, dtype=self.dtype).element_size()
-        self.pool = PagePool(max(1, device_memory // (page * elem)), page, self.dtype, self.device)
+        pool_dtype = lora_dtype or self.dtype  # LoRA pages; adapters load and pack in the model's dtype first
+        elem = torch.empty(0, dtype=pool_dtype).element_size()
+        self.pool = PagePool(max(1, device_memory // (page * elem)), page, pool_dtype, self.device)
         self.entries: dict[str, AdapterEntry] = {}
         self.observer: AdapterObserver | None = None
         self.num_evictions = 0
         self._lock = threading.RLock()
         self._loading: dict[str, threading.Event] = {}
-        log.info("adapter pool: %d pages of %d elements (%.1f MiB on %s), host tier %.1f MiB, max rank %d",
-                 self.pool.num_pages, page, self.pool.nbytes / 2**20, self.device, host_memory / 2**20, max_lora_rank)
+        log.info("adapter pool: %d pages of %d %s elements (%.1f MiB on %s), host tier %.1f MiB, max rank %d",
+                 self.pool.num_pages, page, str(pool_dtype).removeprefix("torch."), self.pool.nbytes / 2**20,
+                 self.device, host_memory / 2**20, max_lora_rank)
 
     # -- registry (any thread) -------------------------------------------------------------------
     def get(self, adapter_id: str) -> AdapterEntry | None:
@@ -122,8 +124,9 @@ class AdapterManager:
             path = Path(path).resolve()
             family, adapter, host = self._read(adapter_id, path)
             with self._lock:
+                nbytes = host.flat.numel() * host.flat.element_size() if family == "lora" else adapter.nbytes
                 e = self.entries.get(adapter_id) or AdapterEntry(
-                    adapter_id, path, adapter.kind, adapter.rank if family == "lora" else 0, adapter.nbytes, family)
+                    adapter_id, path, adapter.kind, adapter.rank if family == "lora" else 0, nbytes, family)
                 e.host, e.last_used = host, time.monotonic()
                 self.entries[adapter_id] = e
                 self._trim_host()
@@ -157,7 +160,7 @@ class AdapterManager:
             return "adaption", a, a
         adapter = load_lora_adapter(adapter_id, path, self.cfg, self.max_rank, self.model.linear_weight, self.dtype)
         # pinned host memory on CUDA: fast, asynchronous copies into the pool
-        packed = pack(adapter, self.model, self.pool.page_size, pin=self.device.type == "cuda")
+        packed = pack(adapter, self.model, self.pool.page_size, pin=self.device.type == "cuda", dtype=self.pool.buffer.dtype)
         if packed.num_pages > self.pool.num_pages:
             raise AdapterLoadError("no_room", f"adapter {adapter_id!r} needs {packed.num_pages} pool pages "
                                    f"({adapter.nbytes / 2**20:.1f} MiB) but the pool has {self.pool.num_pages}: "

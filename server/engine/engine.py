@@ -50,7 +50,7 @@ class LLMEngine:
             raise ValueError(f"kv_cache_memory {cfg.kv_cache_memory} B is below one KV block ({bytes_per_block} B)")
         self.adapters = AdapterManager(self.model, adapter_root=cfg.adapter_root, device_memory=cfg.adapter_memory,
                                        host_memory=cfg.adapter_host_memory, max_lora_rank=cfg.max_lora_rank,
-                                       load_on_demand=cfg.load_adapters_on_demand)
+                                       load_on_demand=cfg.load_adapters_on_demand, lora_dtype=cfg.torch_lora_dtype)
         self.runner = ModelRunner(self.model, num_blocks, cfg.block_size, self.adapters)
         self.blocks = BlockManager(num_blocks, cfg.block_size)
         # prompt-learning adapters: shared KV prefixes, at most this share of the KV cache

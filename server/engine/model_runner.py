@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 
@@ -14,6 +15,8 @@ from server.engine.scheduler import ScheduledBatch
 from server.engine.sequence import Sequence
 from server.model.attention import AttentionMetadata, PrefillChunk
 from server.model.llama import LlamaModel
+
+log = logging.getLogger("tessera.engine")
 
 
 class ModelRunner:
@@ -29,7 +32,10 @@ class ModelRunner:
         model.bind_kv_cache(self.kv_cache, block_size)
         self._block_offsets = torch.arange(block_size)
         # the LoRA add: SGMV kernels (Triton on CUDA, C++ on the CPU), else pool views + BLAS (chosen once)
-        ops = sgmv_ops(self.device, model.dtype)
+        ops = None if adapters is None else sgmv_ops(self.device, model.dtype, adapters.pool.buffer.dtype)
+        if adapters is not None and ops is None:
+            log.warning("no SGMV kernel for %s activations with a %s adapter pool on %s: using the per-segment "
+                        "torch path", model.dtype, adapters.pool.buffer.dtype, self.device)
         self.lora_batch = functools.partial(KernelLoraBatch.build, ops=ops) if ops else LoraBatch.build
 
     @property
