@@ -141,7 +141,7 @@ void int8_rows(const float* x, int64_t B, int64_t K, const int8_t* q, const at::
 // ---- medium batches (decode of many sequences): each thread dequantizes a few output rows at a
 // time into a small row-major fp32 tile (vectorized, L1-resident) and multiplies it against x^T
 // held k-major, vectorized over 16 batch rows: NTR outputs x BC*16 rows of accumulators in
-// registers, one broadcast weight per output and BC loads of x^T per k. Out comes y^T.
+// registers, one broadcast weight per output and BC loads of x^T per k; y written row by row.
 
 // Row-major fp32 rows n0 .. n0 + nr of the weight (rows past nr of the tile left as they are).
 void int4_rows_f32(const uint8_t* q, const at::Half* s, const at::Half* m, int64_t K, int64_t G, int64_t n0,
@@ -180,8 +180,11 @@ void int8_rows_f32(const int8_t* q, const at::Half* s, int64_t K, int64_t G, int
 }
 
 #if defined(__AVX512F__)
+// y[b0 + b, n0 + n] = sum_k W[n, k] xT[k, b0 + b] for n < nr, b < BC*16 (rows past B not written).
+// The accumulators go through a small n-major tile so each batch row is written to y as one run.
 template <int NTR, int BC>
-void micro_t(const float* xT, int64_t Bp, int64_t b0, int64_t K, const float* W, float* yT, int64_t n0, int64_t nr) {
+void micro_t(const float* xT, int64_t Bp, int64_t b0, int64_t K, const float* W, float* y, int64_t B, int64_t N,
+             int64_t n0, int64_t nr) {
   __m512 acc[NTR][BC];
   for (int n = 0; n < NTR; ++n)
     for (int c = 0; c < BC; ++c) acc[n][c] = _mm512_setzero_ps();
@@ -194,19 +197,33 @@ void micro_t(const float* xT, int64_t Bp, int64_t b0, int64_t K, const float* W,
       for (int c = 0; c < BC; ++c) acc[n][c] = _mm512_fmadd_ps(w, xv[c], acc[n][c]);
     }
   }
-  for (int n = 0; n < nr; ++n)
-    for (int c = 0; c < BC; ++c) _mm512_storeu_ps(yT + (n0 + n) * Bp + b0 + 16 * c, acc[n][c]);
+  alignas(64) float tile[NTR][BC * 16];
+  for (int n = 0; n < NTR; ++n)
+    for (int c = 0; c < BC; ++c) _mm512_store_ps(&tile[n][16 * c], acc[n][c]);
+  const int64_t rows = std::min<int64_t>(BC * 16, B - b0);
+  for (int64_t b = 0; b < rows; ++b) {
+    float* yb = y + (b0 + b) * N + n0;
+    for (int64_t n = 0; n < nr; ++n) yb[n] = tile[n][b];
+  }
 }
 #endif
+
+// xT [K, Bp] (k-major, batch rows padded with zeros to Bp) from x [B, K], in 16 x 16 blocks.
+void transpose_in(const float* x, int64_t B, int64_t K, int64_t Bp, float* xT) {
+  for (int64_t k0 = 0; k0 < K; k0 += 16)
+    for (int64_t b0 = 0; b0 < Bp; b0 += 16)
+      for (int64_t k = k0; k < std::min(K, k0 + 16); ++k)
+        for (int64_t b = b0; b < b0 + 16; ++b) xT[k * Bp + b] = b < B ? x[b * K + k] : 0.f;
+}
 
 template <typename Rows>
 torch::Tensor tiled_linear(const torch::Tensor& x, int64_t N, Rows rows) {
   const int64_t B = x.size(0), K = x.size(1), Bp = (B + 15) / 16 * 16;
-  auto xT = torch::zeros({K, Bp}, x.options());
-  xT.narrow(1, 0, B).copy_(x.t());
-  auto yT = torch::empty({N, Bp}, x.options());
-  const float* xp = xT.data_ptr<float>();
-  float* yp = yT.data_ptr<float>();
+  std::vector<float> xT(K * Bp);
+  transpose_in(x.data_ptr<float>(), B, K, Bp, xT.data());
+  auto y = torch::empty({B, N}, x.options());
+  const float* xp = xT.data();
+  float* yp = y.data_ptr<float>();
   constexpr int64_t NTR = 14;  // with BC = 2: 28 accumulators; the 16-row remainder uses 28 outputs
   const int64_t tiles = (N + 27) / 28;
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
@@ -217,21 +234,21 @@ torch::Tensor tiled_linear(const torch::Tensor& x, int64_t N, Rows rows) {
 #if defined(__AVX512F__)
       int64_t b0 = 0;
       for (; b0 + 32 <= Bp; b0 += 32) {
-        micro_t<NTR, 2>(xp, Bp, b0, K, W.data(), yp, n0, std::min<int64_t>(NTR, nr));
-        if (nr > NTR) micro_t<NTR, 2>(xp, Bp, b0, K, W.data() + NTR * K, yp, n0 + NTR, nr - NTR);
+        micro_t<NTR, 2>(xp, Bp, b0, K, W.data(), yp, B, N, n0, std::min<int64_t>(NTR, nr));
+        if (nr > NTR) micro_t<NTR, 2>(xp, Bp, b0, K, W.data() + NTR * K, yp, B, N, n0 + NTR, nr - NTR);
       }
-      if (b0 < Bp) micro_t<28, 1>(xp, Bp, b0, K, W.data(), yp, n0, nr);
+      if (b0 < Bp) micro_t<28, 1>(xp, Bp, b0, K, W.data(), yp, B, N, n0, nr);
 #else
       for (int64_t n = 0; n < nr; ++n)
-        for (int64_t b = 0; b < Bp; ++b) {
+        for (int64_t b = 0; b < B; ++b) {
           float acc = 0.f;
           for (int64_t k = 0; k < K; ++k) acc += W[n * K + k] * xp[k * Bp + b];
-          yp[(n0 + n) * Bp + b] = acc;
+          yp[b * N + n0 + n] = acc;
         }
 #endif
     }
   });
-  return yT.narrow(1, 0, B).t().contiguous();
+  return y;
 }
 
 }  // namespace
