@@ -3,8 +3,9 @@ as the Triton `lora_shrink` / `lora_expand` and the same semantics (their `ref_`
 
 One call per fused Linear covers every segment, rank and output slice, reading the adapters'
 weights through their page tables (fp32 or bf16 pool pages, upcast exactly; fp32 activations and
-accumulation). Decode tokens and short chunks run as vectorized GEMV blocks in parallel over
-segments; long prefill segments gather their adapter's rows once and call BLAS.
+accumulation). Segments are cut into blocks of at most 64 tokens, spread over the threads by cost;
+an adapter's rows are read from memory once per block (AVX-512 register-blocked dot products for
+shrink, 64-column accumulations for expand).
 `available()` is False without a C++ compiler: callers then use the per-segment torch path.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The CPU SGMV kernels (kernels/cpu/lora_sgmv.cpp) equal their ref_ and a dense per-token oracle, on
 fresh random inputs, in every split of tokens across adapters, with fp32 and bf16 pools (fp32
-activations): decode-like segments (the GEMV blocks), long segments (gather + BLAS) and both mixed.
-Tolerance: fp32, 1e-4 relative to the output scale (the pool's bf16 values upcast exactly).
+activations): decode-like segments, long segments (cut into blocks of at most 64 tokens) and both
+mixed, page sizes that are and are not multiples of 16 lanes (masked tails). Tolerance: fp32, 1e-4 relative to the output scale (the pool's bf16 values upcast exactly).
 """
 from __future__ import annotations
 
@@ -23,11 +23,20 @@ def test_cpu_sgmv_every_split(split, pool_dtype):
 
 
 @pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16])
-def test_cpu_sgmv_long_segments_take_blas_and_mix_with_short(pool_dtype):
-    """'identical' puts all 150 tokens in one segment (BLAS path); 'zipf' mixes long and short ones."""
+def test_cpu_sgmv_long_segments_split_into_blocks_and_mix_with_short(pool_dtype):
+    """'identical' puts all 150 tokens in one segment (three blocks); 'zipf' mixes long and short ones."""
     for split in ("identical", "zipf"):
         scen.check_sgmv(*SGMV, split, pool_dtype, torch.float32, "cpu", T=150, K=192, widths=(96, 96), P=32,
                         rank_choices=[8, 40], n_adapters=3, seed=7)
+
+
+@pytest.mark.parametrize("P", [8, 24, 40])
+@pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16])
+def test_cpu_sgmv_page_sizes_with_masked_tails(P, pool_dtype):
+    """Pages of 8, 24 and 40 elements: rows end in a partial 16-lane vector (the masked loads/stores)."""
+    for split in ("zipf", "distinct"):
+        scen.check_sgmv(*SGMV, split, pool_dtype, torch.float32, "cpu", T=70, K=3 * P, widths=(2 * P, 5 * P), P=P,
+                        rank_choices=[1, 3, 4, 7, 16], n_adapters=4, seed=P)
 
 
 def test_cpu_sgmv_real_model_shapes_decode():

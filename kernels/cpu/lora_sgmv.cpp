@@ -3,31 +3,53 @@
 //   lora_shrink(h, x, pool, page_table, pt_start, desc, key, seg_start, seg_len, seg_slot)
 //   lora_expand(y, h, pool, page_table, pt_start, desc, key, col_starts, widths, seg_start, seg_len, seg_slot)
 // x / y fp32; the pool fp32 or bf16 (read through the page tables, upcast exactly); h fp32.
-// Short segments (decode tokens, small prefill chunks) run as AVX-512 GEMV blocks, in parallel over
-// (segment, block of up to ROWS tokens), each weight page read from memory once per block.
-// Long segments gather their adapter's rows once and use one BLAS call each.
+// Segments are cut into blocks of up to BLOCK tokens, spread over the threads by cost; within a block
+// each weight row is read from memory once and reused from L1/L2 for all its tokens. Shrink is
+// register-blocked over 4 rank rows x 4 tokens (16 dot products, summed across lanes at the end);
+// expand adds 64 output columns per token at a time, held in registers across the rank loop.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
-#include <cstring>
+#include <algorithm>
 #include <immintrin.h>
 #include <vector>
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define SGMV_AVX512 1
+#endif
+
 namespace {
 
-constexpr int64_t ROWS = 8;        // tokens per GEMV block (accumulators for all of them stay in cache)
-constexpr int64_t BLAS_MIN = 32;   // segments at least this long take the gather + BLAS path
+constexpr int64_t BLOCK = 64;  // tokens per work item (prefill segments are split; decode tokens are 1 each)
 constexpr int64_t DESC_FIELDS = 11;
 
-// 16 weights as fp32 (bf16 -> fp32 is exact: the bf16 bits are the high half of the fp32 word).
-#if defined(__AVX512F__)
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const at::BFloat16* p) {
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-#endif
 inline float to_f32(float v) { return v; }
 inline float to_f32(at::BFloat16 v) { return static_cast<float>(v); }
+
+#ifdef SGMV_AVX512
+// 16 weights as fp32, all or the lanes of mask m (bf16 -> fp32 is exact: the high half of the fp32 word).
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 widen(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+inline __m512 load16(const at::BFloat16* p) { return widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+inline __m512 load16(const at::BFloat16* p, __mmask16 m) { return widen(_mm256_maskz_loadu_epi16(m, p)); }
+
+// Lane i of the result = the sum of v[i]'s 16 lanes (a transpose-and-add tree: 8 + 4 + 2 + 1 adds).
+inline __m512 reduce16(const __m512 v[16]) {
+  __m512 a[8], b[4], c[2];
+  for (int i = 0; i < 8; ++i)  // 128-bit blocks [v2i 0+2, v2i 1+3, v2i+1 0+2, v2i+1 1+3]
+    a[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
+                         _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
+  for (int i = 0; i < 4; ++i)  // block m: the 4 partial sums of v[4i + m]
+    b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xDD));
+  for (int i = 0; i < 2; ++i)  // block m: [v(8i+m) 2 partials, v(8i+4+m) 2 partials] interleaved
+    c[i] = _mm512_add_ps(_mm512_unpacklo_ps(b[2 * i], b[2 * i + 1]), _mm512_unpackhi_ps(b[2 * i], b[2 * i + 1]));
+  const __m512 d = _mm512_add_ps(  // lane 4m + q = the sum of v[4q + m]
+      _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(c[0]), _mm512_castps_pd(c[1]))),
+      _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(c[0]), _mm512_castps_pd(c[1]))));
+  return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), d);
+}
+#endif
 
 struct Seg {
   int64_t start, n, slot;
@@ -42,88 +64,92 @@ struct Meta {
   const int32_t* table(int64_t slot) const { return pt + pt_start[slot]; }
 };
 
-std::vector<Seg> segments(const torch::Tensor& s0, const torch::Tensor& sl, const torch::Tensor& ss) {
-  std::vector<Seg> out;
-  const int32_t *a = s0.data_ptr<int32_t>(), *b = sl.data_ptr<int32_t>(), *c = ss.data_ptr<int32_t>();
-  for (int64_t i = 0; i < s0.numel(); ++i)
-    if (b[i] > 0) out.push_back({a[i], b[i], c[i]});
-  return out;
-}
-
-// The [rows, width] matrix at virtual page vpage of an adapter as an fp32 tensor (BLAS path): a view of
-// the pool when its pages are consecutive (the allocator's usual case), else a gathered copy.
-torch::Tensor gather(const torch::Tensor& pool, const int32_t* table, int64_t vpage, int64_t rows, int64_t width) {
-  const int64_t P = pool.size(1), np = rows * width / P;
-  const int32_t* pages = table + vpage;
-  bool run = true;
-  for (int64_t i = 1; i < np && run; ++i) run = pages[i] == pages[0] + i;
-  torch::Tensor m;
-  if (run) {
-    m = pool.narrow(0, pages[0], np).view({rows, width});
-  } else {
-    auto idx = torch::from_blob(const_cast<int32_t*>(pages), {np}, torch::kInt32).to(torch::kLong);
-    m = pool.index_select(0, idx).view({rows, width});
+// h[t, r] = x[t] . A[r] for NR rank rows x TB tokens; row r's pages are rows[r * np .. r * np + np).
+template <typename T, int NR, int TB>
+void shrink_micro(float* h, int64_t hs, const float* x, int64_t xs, const T* pool, int64_t P, const int32_t* rows,
+                  int64_t np) {
+#ifdef SGMV_AVX512
+  __m512 acc[16];
+  for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+  const int64_t body = P / 16 * 16;
+  const __mmask16 tail = static_cast<__mmask16>((1u << (P % 16)) - 1);
+  for (int64_t pi = 0; pi < np; ++pi) {
+    const T* a[NR];
+    const float* xk[TB];
+    for (int r = 0; r < NR; ++r) a[r] = pool + int64_t(rows[r * np + pi]) * P;
+    for (int t = 0; t < TB; ++t) xk[t] = x + t * xs + pi * P;
+    for (int64_t i = 0; i < body; i += 16) {
+      __m512 xv[TB];
+      for (int t = 0; t < TB; ++t) xv[t] = _mm512_loadu_ps(xk[t] + i);
+      for (int r = 0; r < NR; ++r) {
+        const __m512 w = load16(a[r] + i);
+        for (int t = 0; t < TB; ++t) acc[r * TB + t] = _mm512_fmadd_ps(w, xv[t], acc[r * TB + t]);
+      }
+    }
+    if (tail) {
+      __m512 xv[TB];
+      for (int t = 0; t < TB; ++t) xv[t] = _mm512_maskz_loadu_ps(tail, xk[t] + body);
+      for (int r = 0; r < NR; ++r) {
+        const __m512 w = load16(a[r] + body, tail);
+        for (int t = 0; t < TB; ++t) acc[r * TB + t] = _mm512_fmadd_ps(w, xv[t], acc[r * TB + t]);
+      }
+    }
   }
-  return m.to(torch::kFloat32);
+  alignas(64) float out[16];
+  _mm512_store_ps(out, reduce16(acc));
+  for (int r = 0; r < NR; ++r)
+    for (int t = 0; t < TB; ++t) h[t * hs + r] = out[r * TB + t];
+#else
+  for (int r = 0; r < NR; ++r)
+    for (int t = 0; t < TB; ++t) {
+      float s = 0.f;
+      for (int64_t pi = 0; pi < np; ++pi) {
+        const T* a = pool + int64_t(rows[r * np + pi]) * P;
+        const float* xk = x + t * xs + pi * P;
+        for (int64_t i = 0; i < P; ++i) s += to_f32(a[i]) * xk[i];
+      }
+      h[t * hs + r] = s;
+    }
+#endif
 }
 
-void check_meta(const torch::Tensor& pool, const torch::Tensor& pt, const torch::Tensor& pts, const torch::Tensor& desc,
-                const torch::Tensor& s0, const torch::Tensor& sl, const torch::Tensor& ss) {
-  for (const auto* t : {&pt, &pts, &desc, &s0, &sl, &ss})
-    TORCH_CHECK(t->dtype() == torch::kInt32 && t->is_contiguous() && t->device().is_cpu(), "metadata: contiguous int32 on the CPU");
-  TORCH_CHECK(desc.dim() == 3 && desc.size(2) == DESC_FIELDS, "desc must be [A, keys, DESC_FIELDS]");
-  TORCH_CHECK(pool.dim() == 2 && pool.is_contiguous() &&
-                  (pool.dtype() == torch::kFloat32 || pool.dtype() == torch::kBFloat16),
-              "pool: contiguous fp32 or bf16 [pages, P]");
+// TB tokens against all rank rows, 4 rows at a time (the tokens' x rows stay in L1 meanwhile).
+template <typename T, int TB>
+void shrink_tokens(float* h, int64_t hs, const float* x, int64_t xs, const T* pool, int64_t P, const int32_t* rows,
+                   int64_t np, int64_t rank) {
+  int64_t r = 0;
+  for (; r + 4 <= rank; r += 4) shrink_micro<T, 4, TB>(h + r, hs, x, xs, pool, P, rows + r * np, np);
+  for (; r + 2 <= rank; r += 2) shrink_micro<T, 2, TB>(h + r, hs, x, xs, pool, P, rows + r * np, np);
+  for (; r < rank; ++r) shrink_micro<T, 1, TB>(h + r, hs, x, xs, pool, P, rows + r * np, np);
 }
 
-// h[t, r] = x[t] . A[r] for the block's n tokens and every rank row r; A read page by page.
+// h[t, 0:rank] for the block's n tokens; A (rank rows of K) starts at virtual page vpage and is read
+// from memory once per block (then from L1/L2), 4 tokens at a time.
 template <typename T>
 void shrink_block(float* h, int64_t hs, const float* x, int64_t xs, int64_t n, const T* pool, int64_t P,
                   const int32_t* table, int64_t vpage, int64_t rank, int64_t K) {
   const int64_t np = K / P;  // pages per row of A (rows are whole pages)
-  for (int64_t r = 0; r < rank; ++r) {
-    const int32_t* row = table + vpage + r * np;  // row r's pages, in order
-    for (int64_t t = 0; t < n; ++t) {
-      const float* xt = x + t * xs;
-      float s = 0.f;
-#if defined(__AVX512F__)
-      __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-#endif
-      for (int64_t pi = 0; pi < np; ++pi) {
-        const T* a = pool + int64_t(row[pi]) * P;
-        const float* xk = xt + pi * P;
-        int64_t i = 0;
-#if defined(__AVX512F__)
-        for (; i + 32 <= P; i += 32) {
-          acc0 = _mm512_fmadd_ps(load16(a + i), _mm512_loadu_ps(xk + i), acc0);
-          acc1 = _mm512_fmadd_ps(load16(a + i + 16), _mm512_loadu_ps(xk + i + 16), acc1);
-        }
-        for (; i + 16 <= P; i += 16) acc0 = _mm512_fmadd_ps(load16(a + i), _mm512_loadu_ps(xk + i), acc0);
-#endif
-        for (; i < P; ++i) s += to_f32(a[i]) * xk[i];
-      }
-#if defined(__AVX512F__)
-      s += _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
-#endif
-      h[t * hs + r] = s;
-    }
-  }
+  const int32_t* rows = table + vpage;
+  int64_t t = 0;
+  for (; t + 4 <= n; t += 4) shrink_tokens<T, 4>(h + t * hs, hs, x + t * xs, xs, pool, P, rows, np, rank);
+  for (; t + 2 <= n; t += 2) shrink_tokens<T, 2>(h + t * hs, hs, x + t * xs, xs, pool, P, rows, np, rank);
+  for (; t < n; ++t) shrink_tokens<T, 1>(h + t * hs, hs, x + t * xs, xs, pool, P, rows, np, rank);
 }
 
 // y[t, 0:width] += h[t, r0:r1] @ Bt for the block's n tokens, 64 output columns at a time held in
-// registers across the rank loop (one load and store of y per column chunk).
+// registers across the rank loop (one load and store of y per column chunk); a page-wide column
+// chunk of Bt (R x P) stays in L1 across the tokens.
 template <typename T>
 void expand_block(float* y, int64_t ys, const float* h, int64_t hs, int64_t n, const T* pool, int64_t P,
                   const int32_t* table, int64_t vpage, int64_t r0, int64_t r1, int64_t width) {
   const int64_t R = r1 - r0, np = width / P;  // pages per row of Bt
   const int32_t* rows = table + vpage;  // row k's page ci is rows[k * np + ci]
-  for (int64_t ci = 0; ci < np; ++ci) {  // one page-wide column chunk: the same page offset in every row
+  for (int64_t ci = 0; ci < np; ++ci) {  // the same page offset in every row
     for (int64_t t = 0; t < n; ++t) {
       const float* ht = h + t * hs + r0;
       float* yt = y + t * ys + ci * P;
       int64_t j = 0;
-#if defined(__AVX512F__)
+#ifdef SGMV_AVX512
       for (; j + 64 <= P; j += 64) {
         __m512 a0 = _mm512_loadu_ps(yt + j), a1 = _mm512_loadu_ps(yt + j + 16);
         __m512 a2 = _mm512_loadu_ps(yt + j + 32), a3 = _mm512_loadu_ps(yt + j + 48);
@@ -140,6 +166,13 @@ void expand_block(float* y, int64_t ys, const float* h, int64_t hs, int64_t n, c
         _mm512_storeu_ps(yt + j + 32, a2);
         _mm512_storeu_ps(yt + j + 48, a3);
       }
+      for (; j < P; j += 16) {
+        const __mmask16 m = j + 16 <= P ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (P - j)) - 1);
+        __m512 a = _mm512_maskz_loadu_ps(m, yt + j);
+        for (int64_t k = 0; k < R; ++k)
+          a = _mm512_fmadd_ps(_mm512_set1_ps(ht[k]), load16(pool + int64_t(rows[k * np + ci]) * P + j, m), a);
+        _mm512_mask_storeu_ps(yt + j, m, a);
+      }
 #endif
       for (; j < P; ++j) {
         float acc = yt[j];
@@ -150,15 +183,56 @@ void expand_block(float* y, int64_t ys, const float* h, int64_t hs, int64_t n, c
   }
 }
 
-// (segment, first row, rows) work items for the GEMV path; long segments listed apart for BLAS.
-void split(const std::vector<Seg>& segs, std::vector<Seg>& blocks, std::vector<Seg>& longs) {
-  for (const auto& s : segs) {
-    if (s.n >= BLAS_MIN) {
-      longs.push_back(s);
-      continue;
+// The non-empty segments cut into blocks of at most BLOCK tokens (near-equal parts).
+std::vector<Seg> blocks_of(const torch::Tensor& s0, const torch::Tensor& sl, const torch::Tensor& ss) {
+  std::vector<Seg> out;
+  const int32_t *a = s0.data_ptr<int32_t>(), *b = sl.data_ptr<int32_t>(), *c = ss.data_ptr<int32_t>();
+  for (int64_t i = 0; i < s0.numel(); ++i) {
+    const int64_t n = b[i], parts = (n + BLOCK - 1) / BLOCK;
+    for (int64_t p = 0, at = 0; p < parts; ++p) {
+      const int64_t len = n / parts + (p < n % parts);
+      out.push_back({a[i] + at, len, c[i]});
+      at += len;
     }
-    for (int64_t m = 0; m < s.n; m += ROWS) blocks.push_back({s.start + m, std::min(ROWS, s.n - m), s.slot});
   }
+  return out;
+}
+
+// fn(block, its descriptor row, its page table) for every block, on all threads: blocks go to the
+// least loaded thread, largest first (cost: tokens x rank rows), each thread then runs its own list.
+template <typename F>
+void for_blocks(const std::vector<Seg>& blocks, const Meta& meta, int64_t rank_field, F fn) {
+  const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks.size()));
+  std::vector<int64_t> order(blocks.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  auto cost = [&](int64_t i) { return blocks[i].n * std::max(1, meta.d(blocks[i].slot)[rank_field]); };
+  std::stable_sort(order.begin(), order.end(), [&](int64_t i, int64_t j) { return cost(i) > cost(j); });
+  std::vector<std::vector<int64_t>> lists(nt);
+  std::vector<int64_t> load(nt, 0);
+  for (int64_t i : order) {
+    const int64_t w = std::min_element(load.begin(), load.end()) - load.begin();
+    lists[w].push_back(i);
+    load[w] += cost(i);
+  }
+  at::parallel_for(0, nt, 1, [&](int64_t w0, int64_t w1) {
+    for (int64_t w = w0; w < w1; ++w)
+      for (int64_t i : lists[w]) fn(blocks[i], meta.d(blocks[i].slot), meta.table(blocks[i].slot));
+  });
+}
+
+void check_meta(const torch::Tensor& pool, const torch::Tensor& pt, const torch::Tensor& pts, const torch::Tensor& desc,
+                const torch::Tensor& s0, const torch::Tensor& sl, const torch::Tensor& ss) {
+  for (const auto* t : {&pt, &pts, &desc, &s0, &sl, &ss})
+    TORCH_CHECK(t->dtype() == torch::kInt32 && t->is_contiguous() && t->device().is_cpu(), "metadata: contiguous int32 on the CPU");
+  TORCH_CHECK(desc.dim() == 3 && desc.size(2) == DESC_FIELDS, "desc must be [A, keys, DESC_FIELDS]");
+  TORCH_CHECK(pool.dim() == 2 && pool.is_contiguous() &&
+                  (pool.dtype() == torch::kFloat32 || pool.dtype() == torch::kBFloat16),
+              "pool: contiguous fp32 or bf16 [pages, P]");
+}
+
+Meta make_meta(const torch::Tensor& pt, const torch::Tensor& pts, const torch::Tensor& desc, int64_t key) {
+  TORCH_CHECK(key >= 0 && key < desc.size(1), "key out of range");
+  return {pt.data_ptr<int32_t>(), pts.data_ptr<int32_t>(), desc.data_ptr<int32_t>(), desc.stride(0), key * DESC_FIELDS};
 }
 
 template <typename T>
@@ -168,13 +242,8 @@ void shrink_impl(torch::Tensor& h, const torch::Tensor& x, const torch::Tensor& 
   float* hp = h.data_ptr<float>();
   const float* xp = x.data_ptr<float>();
   const T* pp = pool.data_ptr<T>();
-  at::parallel_for(0, blocks.size(), 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const Seg& s = blocks[b];
-      const int32_t* d = meta.d(s.slot);
-      if (d[1] == 0) continue;
-      shrink_block<T>(hp + s.start * hs, hs, xp + s.start * xs, xs, s.n, pp, P, meta.table(s.slot), d[0], d[1], K);
-    }
+  for_blocks(blocks, meta, 1, [&](const Seg& s, const int32_t* d, const int32_t* table) {
+    if (d[1] > 0) shrink_block<T>(hp + s.start * hs, hs, xp + s.start * xs, xs, s.n, pp, P, table, d[0], d[1], K);
   });
 }
 
@@ -185,23 +254,14 @@ void expand_impl(torch::Tensor& y, const torch::Tensor& h, const torch::Tensor& 
   float* yp = y.data_ptr<float>();
   const float* hp = h.data_ptr<float>();
   const T* pp = pool.data_ptr<T>();
-  at::parallel_for(0, blocks.size(), 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const Seg& s = blocks[b];
-      const int32_t* d = meta.d(s.slot);
-      for (size_t j = 0; j < widths.size(); ++j) {
-        const int64_t vpage = d[2 + 3 * j], r0 = d[3 + 3 * j], r1 = d[4 + 3 * j];
-        if (r1 <= r0) continue;
-        expand_block<T>(yp + s.start * ys + cols[j], ys, hp + s.start * hs, hs, s.n, pp, P, meta.table(s.slot), vpage,
-                        r0, r1, widths[j]);
-      }
+  for_blocks(blocks, meta, 1, [&](const Seg& s, const int32_t* d, const int32_t* table) {
+    for (size_t j = 0; j < widths.size(); ++j) {
+      const int64_t vpage = d[2 + 3 * j], r0 = d[3 + 3 * j], r1 = d[4 + 3 * j];
+      if (r1 > r0)
+        expand_block<T>(yp + s.start * ys + cols[j], ys, hp + s.start * hs, hs, s.n, pp, P, table, vpage, r0, r1,
+                        widths[j]);
     }
   });
-}
-
-Meta make_meta(const torch::Tensor& pt, const torch::Tensor& pts, const torch::Tensor& desc, int64_t key) {
-  TORCH_CHECK(key >= 0 && key < desc.size(1), "key out of range");
-  return {pt.data_ptr<int32_t>(), pts.data_ptr<int32_t>(), desc.data_ptr<int32_t>(), desc.stride(0), key * DESC_FIELDS};
 }
 
 }  // namespace
@@ -211,21 +271,13 @@ torch::Tensor lora_shrink(torch::Tensor h, torch::Tensor x, torch::Tensor pool, 
   check_meta(pool, pt, pts, desc, s0, sl, ss);
   TORCH_CHECK(x.dtype() == torch::kFloat32 && h.dtype() == torch::kFloat32 && x.stride(1) == 1 && h.stride(1) == 1,
               "x, h: fp32 with unit column stride");
-  TORCH_CHECK(pool.size(1) <= 4096 && x.size(1) % pool.size(1) == 0, "in_features must be a multiple of the page size");
+  TORCH_CHECK(x.size(1) % pool.size(1) == 0, "in_features must be a multiple of the page size");
   const Meta meta = make_meta(pt, pts, desc, key);
-  std::vector<Seg> blocks, longs;
-  split(segments(s0, sl, ss), blocks, longs);
+  const auto blocks = blocks_of(s0, sl, ss);
   if (pool.dtype() == torch::kFloat32)
     shrink_impl<float>(h, x, pool, meta, blocks);
   else
     shrink_impl<at::BFloat16>(h, x, pool, meta, blocks);
-  const int64_t K = x.size(1);
-  for (const auto& s : longs) {
-    const int32_t* d = meta.d(s.slot);
-    if (d[1] == 0) continue;
-    auto A = gather(pool, meta.table(s.slot), d[0], d[1], K);
-    h.narrow(0, s.start, s.n).narrow(1, 0, d[1]).copy_(torch::mm(x.narrow(0, s.start, s.n), A.t()));
-  }
   return h;
 }
 
@@ -238,23 +290,12 @@ torch::Tensor lora_expand(torch::Tensor y, torch::Tensor h, torch::Tensor pool, 
   TORCH_CHECK(cols.size() == widths.size() && !widths.empty() && widths.size() <= 3, "1..3 output slices");
   for (size_t j = 0; j < widths.size(); ++j)
     TORCH_CHECK(widths[j] % pool.size(1) == 0 && cols[j] + widths[j] <= y.size(1), "slice widths/columns");
-  TORCH_CHECK(pool.size(1) <= 4096, "page size at most 4096");
   const Meta meta = make_meta(pt, pts, desc, key);
-  std::vector<Seg> blocks, longs;
-  split(segments(s0, sl, ss), blocks, longs);
+  const auto blocks = blocks_of(s0, sl, ss);
   if (pool.dtype() == torch::kFloat32)
     expand_impl<float>(y, h, pool, meta, cols, widths, blocks);
   else
     expand_impl<at::BFloat16>(y, h, pool, meta, cols, widths, blocks);
-  for (const auto& s : longs) {
-    const int32_t* d = meta.d(s.slot);
-    for (size_t j = 0; j < widths.size(); ++j) {
-      const int64_t r0 = d[3 + 3 * j], r1 = d[4 + 3 * j];
-      if (r1 <= r0) continue;
-      auto Bt = gather(pool, meta.table(s.slot), d[2 + 3 * j], r1 - r0, widths[j]);
-      y.narrow(0, s.start, s.n).narrow(1, cols[j], widths[j]).addmm_(h.narrow(0, s.start, s.n).narrow(1, r0, r1 - r0), Bt);
-    }
-  }
   return y;
 }
 
