@@ -75,12 +75,14 @@ def rope_heads(cfg: ModelConfig, name: str) -> int | None:
 PACKED_TYPES = {GGMLQuantizationType.Q4_0: "Q4_0", GGMLQuantizationType.Q4_1: "Q4_1", GGMLQuantizationType.Q8_0: "Q8_0"}
 _LINEAR = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight", "gate_proj.weight", "up_proj.weight",
            "down_proj.weight")
+_PACKED = (*_LINEAR, "embed_tokens.weight")  # the embedding: a tied LM head is served from its packed values
 
 
 def load_gguf_weights(reader: GGUFReader, cfg: ModelConfig, path: Path,
                       keep_quantized: bool = False) -> dict[str, torch.Tensor | QuantizedWeight]:
     """Every tensor `cfg` needs, q/k un-permuted, HF-named, in the config's order: dequantized to fp32, or,
-    with keep_quantized, linear weights stored as Q4_0/Q4_1/Q8_0 converted losslessly to QuantizedWeight."""
+    with keep_quantized, linear weights (and the embedding) stored as Q4_0/Q4_1/Q8_0 converted losslessly to
+    QuantizedWeight."""
     expected = expected_shapes(cfg)
     located: dict[str, ReaderTensor] = {}
     found: dict[str, tuple[tuple[int, ...], str]] = {}
@@ -99,7 +101,7 @@ def load_gguf_weights(reader: GGUFReader, cfg: ModelConfig, path: Path,
     weights: dict[str, torch.Tensor | QuantizedWeight] = {}
     for name in tqdm(expected, desc=f"reading {path.name}", unit="tensor", leave=False, disable=None):
         raw, qtype, shape = read_gguf_tensor(located[name])
-        if keep_quantized and qtype in PACKED_TYPES and name.endswith(_LINEAR) and shape[1] % 32 == 0:
+        if keep_quantized and qtype in PACKED_TYPES and name.endswith(_PACKED) and shape[1] % 32 == 0:
             blocks = np.ascontiguousarray(raw).reshape(shape[0], -1)  # [out, bytes]: blocks never span rows
             if (n_head := rope_heads(cfg, name)) is not None:
                 blocks = unpermute_rope_rows(blocks, n_head)

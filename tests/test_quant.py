@@ -72,12 +72,34 @@ def test_packed_q4_1_equals_transformers_dequantized(prose_ids):
 
     engine = LLMEngine.from_config(EngineConfig(quantize="auto"))
     assert engine.quantization == "int4 g32"  # served packed, straight from the GGUF blocks
+    head = engine.model.head_q  # the tied LM head from the GGUF's Q8_0 embedding, also packed
+    assert head is not None and head.bits == 8 and head.group_size == 32
     ids = prose_ids[:300]
     ours = all_logits(engine, ids)
     with torch.no_grad():
         ref = hf_smollm2()(torch.tensor([ids])).logits[0].float()
     assert (ours - ref).abs().max().item() < 2e-3  # fp32 rounding over 30 layers, logits of magnitude ~30
     assert torch.equal(ours.argmax(-1), ref.argmax(-1))
+
+
+def test_tied_lm_head_served_from_the_packed_q8_0_embedding():
+    """The embedded GGUF stores the tied embedding as Q8_0: the head's matmul reads those int8 values (4x
+    fewer bytes per decode step) and equals the dense head on the lookup's (exactly dequantized) weights."""
+    packed = LLMEngine.from_config(EngineConfig(quantize="auto")).model
+    dense = LLMEngine.from_config(EngineConfig(quantize="none")).model
+    assert dense.head_q is None and packed.head_q is not None
+    assert torch.equal(packed.embed_tokens.weight, dense.embed_tokens.weight)  # the lookup: exact values
+    assert torch.equal(ref_dequantize(packed.head_q), dense.embed_tokens.weight)
+    n = dense.embed_tokens.weight.numel()
+    head_bytes = packed.weight_bytes - sum(lin.qweight.nbytes for lin in packed.linears()) - n * 4
+    assert 1.0 * n <= head_bytes < 1.1 * n + 2**20  # int8 values + one fp16 scale per 32, counted once
+    g = torch.Generator().manual_seed(0)
+    for rows in (1, 5, 32, 100):  # GEMV, tiled and dequantize+sgemm paths
+        hidden = torch.randn(rows, packed.config.hidden_size, generator=g)
+        want = hidden.double() @ dense.embed_tokens.weight.double().T
+        got = packed.logits(hidden)
+        assert got.dtype == torch.float32 and got.shape == (rows, packed.config.vocab_size)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
 
 
 def test_resident_bytes_of_linear_layers():

@@ -171,12 +171,23 @@ void int4_rows_f32(const uint8_t* q, const at::Half* s, const at::Half* m, int64
 
 void int8_rows_f32(const int8_t* q, const at::Half* s, int64_t K, int64_t G, int64_t n0, int64_t nr, float* W) {
   const int64_t ng = (K + G - 1) / G;
-  for (int64_t j = 0; j < nr; ++j)
+  for (int64_t j = 0; j < nr; ++j) {
+    const int8_t* qn = q + (n0 + j) * K;
+    float* o = W + j * K;
     for (int64_t g = 0; g < ng; ++g) {
       const float sc = h2f(s[(n0 + j) * ng + g]);
-      const int8_t* qn = q + (n0 + j) * K;
-      for (int64_t k = g * G; k < std::min<int64_t>(K, (g + 1) * G); ++k) W[j * K + k] = float(qn[k]) * sc;
+      int64_t k = g * G;
+      const int64_t end = std::min<int64_t>(K, k + G);
+#if defined(__AVX512F__)
+      const __m512 vs = _mm512_set1_ps(sc);
+      for (; k + 16 <= end; k += 16) {
+        const __m512i v = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qn + k)));
+        _mm512_storeu_ps(o + k, _mm512_mul_ps(_mm512_cvtepi32_ps(v), vs));
+      }
+#endif
+      for (; k < end; ++k) o[k] = float(qn[k]) * sc;
     }
+  }
 }
 
 #if defined(__AVX512F__)

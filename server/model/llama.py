@@ -9,6 +9,8 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
+from kernels.quant import QuantizedWeight, ref_dequantize
+from kernels.quant_matmul import quant_linear_for, quant_linear_with_grad
 from loader.config import ModelConfig
 from server.model.attention import AttentionMetadata, DenseAttention, dense_attention, paged_attention, write_kv
 from server.model.layers import RMSNorm, RotaryEmbedding, apply_rotary, silu_and_mul
@@ -94,6 +96,9 @@ class LlamaModel(nn.Module):
                         nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, device=device))
         if self.lm_head is not None:
             self.lm_head.weight.requires_grad_(False)
+        self.packed_embedding: QuantizedWeight | None = None  # the GGUF's int8/int4 embedding, as loaded
+        self.head_q: QuantizedWeight | None = None  # the tied LM head served from it (quantize "auto")
+        self._head_qmatmul = None
         inv_freq, scaling = rope_parameters(cfg)
         self.rope = RotaryEmbedding(inv_freq, scaling, cfg.max_position_embeddings, device)
         for i, lin in enumerate(self.linears()):
@@ -131,6 +136,10 @@ class LlamaModel(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden] (only the rows that sample) -> [N, vocab] in fp32."""
+        if self.head_q is not None:  # the same weight values as the dequantized embedding, 4x fewer bytes
+            if hidden.requires_grad and torch.is_grad_enabled():
+                return quant_linear_with_grad(self._head_qmatmul, hidden, self.head_q, None).float()
+            return self._head_qmatmul(hidden, self.head_q).float()
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return torch.nn.functional.linear(hidden, weight).float()
 
@@ -150,12 +159,17 @@ class LlamaModel(nn.Module):
     def weight_bytes(self) -> int:
         """Resident bytes of all weights (quantized linear layers at their packed size)."""
         dense = sum(p.numel() * p.element_size() for p in self.parameters())
-        return dense + sum(lin.qweight.nbytes for lin in self.linears() if lin.qweight is not None)
+        head = self.head_q.nbytes if self.head_q is not None else 0
+        return dense + head + sum(lin.qweight.nbytes for lin in self.linears() if lin.qweight is not None)
 
     def quantize(self, method: str, group_size: int = 128) -> None:
         """Every linear layer (not embeddings, norms or the LM head) to `method`: int4 | int8 | none | auto.
 
-        auto keeps what was loaded (GGUF Q4/Q8 stay packed, dense stays dense)."""
+        auto keeps what was loaded (GGUF Q4/Q8 stay packed, dense stays dense); a tied LM head whose
+        GGUF embedding was Q8_0/Q4_x is then served from those packed values (the lookup stays dense)."""
+        tied_packed = method == "auto" and self.lm_head is None and self.packed_embedding is not None
+        self.head_q = self.packed_embedding.to(self.device) if tied_packed else None
+        self._head_qmatmul = quant_linear_for(self.device) if tied_packed else None
         for lin in self.linears():
             if method == "none":
                 lin.dequantize_(self.dtype)
@@ -185,6 +199,9 @@ class LlamaModel(nn.Module):
             return name
         if parts[0] != "model":
             raise ValueError(f"unexpected weight {name!r}")
+        if name == "model.embed_tokens.weight" and isinstance(tensor, QuantizedWeight):
+            self.packed_embedding = tensor
+            tensor = ref_dequantize(tensor, self.dtype)
         if name in ("model.embed_tokens.weight", "model.norm.weight"):
             self.get_parameter(name[len("model."):]).copy_(tensor)
             return name[len("model."):]
