@@ -25,13 +25,17 @@ def available() -> bool:
     return _ext() is not None
 
 
+def _check_dtypes(act: torch.Tensor, h: torch.Tensor, pool: torch.Tensor) -> None:
+    check(act.dtype == torch.float32 and pool.dtype in (torch.float32, torch.bfloat16),
+          f"the CPU kernels take fp32 activations and an fp32/bf16 pool, got {act.dtype}, pool {pool.dtype}")
+    check(h.dtype == torch.float32 and h.shape[0] == act.shape[0], "h must be fp32 [T, ranks]")
+
+
 def cpu_lora_shrink(h: torch.Tensor, x: torch.Tensor, pool: torch.Tensor, page_table: torch.Tensor,
                     pt_start: torch.Tensor, desc: torch.Tensor, key: int, seg_start: torch.Tensor,
                     seg_len: torch.Tensor, seg_slot: torch.Tensor, max_len: int = 0, max_rank: int = 0) -> torch.Tensor:
     """h[seg, :rank] = x[seg] @ A.T per segment (kernels/lora_shrink.py); max_len/max_rank unused here."""
-    check(x.dtype == torch.float32 and pool.dtype in (torch.float32, torch.bfloat16),
-          f"the CPU kernels take fp32 activations and an fp32/bf16 pool, got x {x.dtype}, pool {pool.dtype}")
-    check(h.dtype == torch.float32 and h.shape[0] == x.shape[0], "h must be fp32 [T, >= max_rank]")
+    _check_dtypes(x, h, pool)
     check_sgmv_metadata(x.device, desc, page_table, pt_start, seg_start, seg_len, seg_slot)
     return _ext().lora_shrink(h, x, pool, page_table, pt_start, desc, key, seg_start, seg_len, seg_slot)
 
@@ -41,9 +45,7 @@ def cpu_lora_expand(y: torch.Tensor, h: torch.Tensor, pool: torch.Tensor, page_t
                     widths: tuple[int, ...], seg_start: torch.Tensor, seg_len: torch.Tensor, seg_slot: torch.Tensor,
                     max_len: int = 0) -> torch.Tensor:
     """y[seg, cols_j] += h[seg, r0:r1] @ Bt_j per segment and slice (kernels/lora_expand.py)."""
-    check(y.dtype == torch.float32 and pool.dtype in (torch.float32, torch.bfloat16),
-          f"the CPU kernels take fp32 outputs and an fp32/bf16 pool, got y {y.dtype}, pool {pool.dtype}")
-    check(h.dtype == torch.float32 and h.shape[0] == y.shape[0], "h must be fp32 [T, ranks]")
+    _check_dtypes(y, h, pool)
     check(1 <= len(widths) <= MAX_SLICES and len(col_starts) == len(widths), f"1..{MAX_SLICES} output slices")
     check_sgmv_metadata(y.device, desc, page_table, pt_start, seg_start, seg_len, seg_slot)
     return _ext().lora_expand(y, h, pool, page_table, pt_start, desc, key, list(col_starts), list(widths),
