@@ -21,11 +21,12 @@ from kernels.quant import QuantizedWeight, ref_dequantize
 from kernels.triton_env import check, dot_in_fp32
 
 # Which CPU kernel serves how many rows (crossovers measured on SmolLM2's 30 layers, 2026-11-30, 2
-# threads): the GEMV up to 16 rows; the tiled kernel (a few dequantized rows in L1 times x^T, 28
-# outputs x 32 rows of accumulators) up to 96 (int4) / 64 (int8) rows: at 32 rows 65 ms against
-# 89-125 ms GEMV and 125-129 ms dequantize+sgemm; beyond that, dequantize once and one sgemm.
+# threads): the GEMV up to 16 rows; the tiled kernel (14 dequantized rows in L1 times x^T, 14
+# outputs x 32 rows of accumulators) up to 160 (int4) / 64 (int8) rows: int4 at 64 rows 87 ms against
+# 141 ms dequantize+sgemm, at 128 rows 162 vs 186 ms, even at ~192; int8 even at ~80 (its
+# dequantization is cheaper); beyond that, dequantize once and one sgemm.
 GEMV_MAX_ROWS = 16
-TILED_MAX_ROWS = {4: 96, 8: 64}
+TILED_MAX_ROWS = {4: 160, 8: 64}
 
 
 def ref_quant_linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:

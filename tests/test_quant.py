@@ -46,7 +46,7 @@ def test_ggml_blocks_convert_without_loss(kind, qtype):
 
 @pytest.mark.skipif(cpu_extension() is None, reason="no C++ compiler for the CPU kernels")
 @pytest.mark.parametrize("fmt", ["int4g32", "int4g64", "int4g128", "int8", "int8g32"])
-@pytest.mark.parametrize("rows", [1, 3, 16, 17, 31, 32, 33, 45, 64, 65, 96, 97, 300])
+@pytest.mark.parametrize("rows", [1, 3, 16, 17, 31, 32, 33, 45, 64, 65, 96, 97, 160, 161, 300])
 def test_cpu_kernel_equals_reference(fmt, rows):
     g = torch.Generator().manual_seed(rows)
     w = torch.randn(80, 576, generator=g)

@@ -235,20 +235,17 @@ torch::Tensor tiled_linear(const torch::Tensor& x, int64_t N, Rows rows) {
   auto y = torch::empty({B, N}, x.options());
   const float* xp = xT.data();
   float* yp = y.data_ptr<float>();
-  constexpr int64_t NTR = 14;  // with BC = 2: 28 accumulators; the 16-row remainder uses 28 outputs
-  const int64_t tiles = (N + 27) / 28;
+  constexpr int64_t NTR = 14;  // outputs per tile: with BC = 2, 28 accumulators; W's tile stays in L1
+  const int64_t tiles = (N + NTR - 1) / NTR;
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> W(28 * K, 0.f);
+    std::vector<float> W(NTR * K, 0.f);
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t n0 = t * 28, nr = std::min<int64_t>(28, N - n0);
+      const int64_t n0 = t * NTR, nr = std::min<int64_t>(NTR, N - n0);
       rows(n0, nr, W.data());
 #if defined(__AVX512F__)
       int64_t b0 = 0;
-      for (; b0 + 32 <= Bp; b0 += 32) {
-        micro_t<NTR, 2>(xp, Bp, b0, K, W.data(), yp, B, N, n0, std::min<int64_t>(NTR, nr));
-        if (nr > NTR) micro_t<NTR, 2>(xp, Bp, b0, K, W.data() + NTR * K, yp, B, N, n0 + NTR, nr - NTR);
-      }
-      if (b0 < Bp) micro_t<28, 1>(xp, Bp, b0, K, W.data(), yp, B, N, n0, nr);
+      for (; b0 + 32 <= Bp; b0 += 32) micro_t<NTR, 2>(xp, Bp, b0, K, W.data(), yp, B, N, n0, nr);
+      if (b0 < Bp) micro_t<NTR, 1>(xp, Bp, b0, K, W.data(), yp, B, N, n0, nr);
 #else
       for (int64_t n = 0; n < nr; ++n)
         for (int64_t b = 0; b < B; ++b) {
