@@ -50,3 +50,15 @@ def cpu_lora_expand(y: torch.Tensor, h: torch.Tensor, pool: torch.Tensor, page_t
     check_sgmv_metadata(y.device, desc, page_table, pt_start, seg_start, seg_len, seg_slot)
     return _ext().lora_expand(y, h, pool, page_table, pt_start, desc, key, list(col_starts), list(widths),
                               seg_start, seg_len, seg_slot)
+
+
+def cpu_lora_apply(y: torch.Tensor, x: torch.Tensor, pool: torch.Tensor, page_table: torch.Tensor,
+                   pt_start: torch.Tensor, desc: torch.Tensor, key: int, col_starts: tuple[int, ...],
+                   widths: tuple[int, ...], seg_start: torch.Tensor, seg_len: torch.Tensor, seg_slot: torch.Tensor,
+                   max_rank: int) -> torch.Tensor:
+    """Shrink then expand in one call: y[seg, cols_j] += (x[seg] @ A.T)[:, r0:r1] @ Bt_j per segment.
+
+    The per-step fast path (no DoRA step in between): the metadata is the step's, checked once when the
+    step's batch was built (`check_sgmv_metadata`); the C++ side checks shapes, dtypes and ranges."""
+    return _ext().lora_apply(y, x, pool, page_table, pt_start, desc, key, list(col_starts), list(widths),
+                             seg_start, seg_len, seg_slot, max_rank)

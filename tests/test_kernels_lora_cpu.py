@@ -56,3 +56,40 @@ def test_cpu_wrapper_rejects_what_it_cannot_take():
         lora_cpu.cpu_lora_shrink(h, x.half(), sc.pool, sc.page_table, sc.pt_start, sc.desc, 0, *seg)
     with pytest.raises(ValueError, match="output slices"):
         lora_cpu.cpu_lora_expand(torch.zeros(3, 32), h, sc.pool, sc.page_table, sc.pt_start, sc.desc, 0, (), (), *seg)
+
+
+@pytest.mark.parametrize("split", sorted(scen.SPLITS))
+@pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16])
+def test_cpu_fused_apply_equals_the_dense_oracle(split, pool_dtype):
+    """cpu_lora_apply (shrink + expand in one call, the engine's per-Linear path without DoRA)."""
+    g = torch.Generator().manual_seed(11)
+    widths, K, P, T, n_adapters = (48, 24, 24), 72, 24, 90, 5
+    ranks = [[[int(r) for r in torch.randint(0, 20, (len(widths),), generator=g)]] for _ in range(n_adapters)]
+    sc = scen.build(ranks, K, widths, P, pool_dtype, gen=g)
+    slots = scen.SPLITS[split](T, n_adapters, g)
+    seg = scen.segments(slots, empty_every=2)
+    x, y0 = torch.randn(T, K, generator=g), torch.randn(T, sum(widths), generator=g)
+    cols = tuple(sum(widths[:j]) for j in range(len(widths)))
+    max_rank = max(sum(r[0]) for r in ranks)
+    got = lora_cpu.cpu_lora_apply(y0.clone(), x, sc.pool, sc.page_table, sc.pt_start, sc.desc, 0, cols, widths, *seg,
+                                  max_rank)
+    want = scen.dense_lora(y0, x, sc, 0, slots, cols)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+def test_cpu_kernels_reject_out_of_range_metadata():
+    """The C++ side checks what would otherwise read or write out of bounds: segments past the token rows,
+    slots past the step's adapters, h narrower than a rank."""
+    sc = scen.build([[[4]], [[8]]], 32, (32,), 16, torch.float32)
+    x, y = torch.randn(6, 32), torch.zeros(6, 32)
+    ok = scen.segments([0, 0, 1, 1, 1, 1])
+    lora_cpu.cpu_lora_apply(y, x, sc.pool, sc.page_table, sc.pt_start, sc.desc, 0, (0,), (32,), *ok, 8)
+    i32 = lambda v: torch.tensor(v, dtype=torch.int32)  # noqa: E731
+    with pytest.raises(RuntimeError, match="segment out of range"):
+        lora_cpu.cpu_lora_apply(y, x, sc.pool, sc.page_table, sc.pt_start, sc.desc, 0, (0,), (32,),
+                                i32([4]), i32([3]), i32([0]), 8)
+    with pytest.raises(RuntimeError, match="segment out of range"):
+        lora_cpu.cpu_lora_apply(y, x, sc.pool, sc.page_table, sc.pt_start, sc.desc, 0, (0,), (32,),
+                                i32([0]), i32([2]), i32([2]), 8)
+    with pytest.raises(RuntimeError, match="fewer columns than a rank"):
+        lora_cpu.cpu_lora_apply(y, x, sc.pool, sc.page_table, sc.pt_start, sc.desc, 0, (0,), (32,), *ok, 4)

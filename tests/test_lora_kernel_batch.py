@@ -26,11 +26,13 @@ from server.engine.scheduler import ScheduledBatch
 from server.engine.sequence import Sequence
 from server.model.llama import LlamaModel
 
-KERNELS = {
-    "triton": pytest.param((lora_shrink, lora_expand), marks=pytest.mark.skipif(
+NO_CXX = pytest.mark.skipif(not lora_cpu.available(), reason="no C++ compiler for the CPU kernels")
+KERNELS = {  # (shrink, expand, fused shrink+expand or None), as sgmv_ops returns them
+    "triton": pytest.param((lora_shrink, lora_expand, None), marks=pytest.mark.skipif(
         not (interpreting() or torch.cuda.is_available()), reason="Triton needs CUDA or TRITON_INTERPRET=1")),
-    "cpu": pytest.param((lora_cpu.cpu_lora_shrink, lora_cpu.cpu_lora_expand), marks=pytest.mark.skipif(
-        not lora_cpu.available(), reason="no C++ compiler for the CPU kernels")),
+    "cpu": pytest.param((lora_cpu.cpu_lora_shrink, lora_cpu.cpu_lora_expand, None), marks=NO_CXX),
+    "cpu-fused": pytest.param((lora_cpu.cpu_lora_shrink, lora_cpu.cpu_lora_expand, lora_cpu.cpu_lora_apply),
+                              marks=NO_CXX),
 }
 TINY = dict(model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
@@ -114,6 +116,8 @@ def test_kernel_batch_equals_torch_path_and_peft(tmp_path, ops):
     gen = torch.Generator().manual_seed(1)
     work = [("r4-qv", 1), (None, 1), ("r16-all", 1), ("r16-all", 1), ("dora", 1),  # decode-like single tokens
             ("r33-mlp", 9), ("r4-qv", 21), (None, 5), ("dora", 17), ("r16-all", 40)]  # prefill chunks
+    if ops[2] is not None:  # the fused call serves steps without DoRA (DoRA scales y between the two)
+        work = [w if w[0] != "dora" else ("r33-mlp", w[1]) for w in work]
     prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for _, n in work]
     blocks = BlockManager(num_blocks=64, block_size=4)
     logits = {}
@@ -122,6 +126,8 @@ def test_kernel_batch_equals_torch_path_and_peft(tmp_path, ops):
         runner.lora_batch = LoraBatch.build if cls is LoraBatch else functools.partial(KernelLoraBatch.build, ops=ops)
         logits[cls], lora = _run_batch(runner, blocks, work, prompts, cls.__name__)
         assert isinstance(lora, cls)
+        if cls is KernelLoraBatch:
+            assert lora.fused is ops[2]
     torch.testing.assert_close(logits[KernelLoraBatch], logits[LoraBatch], rtol=1e-4, atol=1e-4)
     _assert_equals_peft(logits[KernelLoraBatch], work, prompts, hf, peft_models)
     base = hf(torch.tensor([prompts[6]])).logits[0]

@@ -2,6 +2,7 @@
 // kernels/lora_expand.py (their ref_ functions), same arguments, one call per fused Linear.
 //   lora_shrink(h, x, pool, page_table, pt_start, desc, key, seg_start, seg_len, seg_slot)
 //   lora_expand(y, h, pool, page_table, pt_start, desc, key, col_starts, widths, seg_start, seg_len, seg_slot)
+//   lora_apply(y, x, pool, ..., col_starts, widths, seg_start, seg_len, seg_slot, max_rank): both, one call
 // x / y fp32; the pool fp32 or bf16 (read through the page tables, upcast exactly); h fp32.
 // Segments are cut into blocks of up to BLOCK tokens, spread over the threads by cost; within a block
 // each weight row is read from memory once and reused from L1/L2 for all its tokens. Shrink is
@@ -184,10 +185,15 @@ void expand_block(float* y, int64_t ys, const float* h, int64_t hs, int64_t n, c
 }
 
 // The non-empty segments cut into blocks of at most BLOCK tokens (near-equal parts).
-std::vector<Seg> blocks_of(const torch::Tensor& s0, const torch::Tensor& sl, const torch::Tensor& ss) {
+// Checks every segment against the T token rows and the A adapters of the step.
+std::vector<Seg> blocks_of(const torch::Tensor& s0, const torch::Tensor& sl, const torch::Tensor& ss, int64_t T,
+                           int64_t A) {
+  TORCH_CHECK(s0.numel() == sl.numel() && s0.numel() == ss.numel(), "seg_start/seg_len/seg_slot lengths differ");
   std::vector<Seg> out;
   const int32_t *a = s0.data_ptr<int32_t>(), *b = sl.data_ptr<int32_t>(), *c = ss.data_ptr<int32_t>();
   for (int64_t i = 0; i < s0.numel(); ++i) {
+    if (b[i] <= 0) continue;
+    TORCH_CHECK(a[i] >= 0 && a[i] + int64_t(b[i]) <= T && c[i] >= 0 && c[i] < A, "segment out of range");
     const int64_t n = b[i], parts = (n + BLOCK - 1) / BLOCK;
     for (int64_t p = 0, at = 0; p < parts; ++p) {
       const int64_t len = n / parts + (p < n % parts);
@@ -224,7 +230,8 @@ void check_meta(const torch::Tensor& pool, const torch::Tensor& pt, const torch:
                 const torch::Tensor& s0, const torch::Tensor& sl, const torch::Tensor& ss) {
   for (const auto* t : {&pt, &pts, &desc, &s0, &sl, &ss})
     TORCH_CHECK(t->dtype() == torch::kInt32 && t->is_contiguous() && t->device().is_cpu(), "metadata: contiguous int32 on the CPU");
-  TORCH_CHECK(desc.dim() == 3 && desc.size(2) == DESC_FIELDS, "desc must be [A, keys, DESC_FIELDS]");
+  TORCH_CHECK(desc.dim() == 3 && desc.size(2) == DESC_FIELDS && desc.size(0) == pts.numel(),
+              "desc must be [A, keys, DESC_FIELDS], one row per pt_start entry");
   TORCH_CHECK(pool.dim() == 2 && pool.is_contiguous() &&
                   (pool.dtype() == torch::kFloat32 || pool.dtype() == torch::kBFloat16),
               "pool: contiguous fp32 or bf16 [pages, P]");
@@ -242,6 +249,7 @@ void shrink_impl(torch::Tensor& h, const torch::Tensor& x, const torch::Tensor& 
   float* hp = h.data_ptr<float>();
   const float* xp = x.data_ptr<float>();
   const T* pp = pool.data_ptr<T>();
+  for (const Seg& s : blocks) TORCH_CHECK(meta.d(s.slot)[1] <= h.size(1), "h has fewer columns than a rank");
   for_blocks(blocks, meta, 1, [&](const Seg& s, const int32_t* d, const int32_t* table) {
     if (d[1] > 0) shrink_block<T>(hp + s.start * hs, hs, xp + s.start * xs, xs, s.n, pp, P, table, d[0], d[1], K);
   });
@@ -254,6 +262,8 @@ void expand_impl(torch::Tensor& y, const torch::Tensor& h, const torch::Tensor& 
   float* yp = y.data_ptr<float>();
   const float* hp = h.data_ptr<float>();
   const T* pp = pool.data_ptr<T>();
+  for (const Seg& s : blocks)
+    for (size_t j = 0; j < widths.size(); ++j) TORCH_CHECK(meta.d(s.slot)[4 + 3 * j] <= h.size(1), "h has fewer columns than a rank");
   for_blocks(blocks, meta, 1, [&](const Seg& s, const int32_t* d, const int32_t* table) {
     for (size_t j = 0; j < widths.size(); ++j) {
       const int64_t vpage = d[2 + 3 * j], r0 = d[3 + 3 * j], r1 = d[4 + 3 * j];
@@ -273,7 +283,8 @@ torch::Tensor lora_shrink(torch::Tensor h, torch::Tensor x, torch::Tensor pool, 
               "x, h: fp32 with unit column stride");
   TORCH_CHECK(x.size(1) % pool.size(1) == 0, "in_features must be a multiple of the page size");
   const Meta meta = make_meta(pt, pts, desc, key);
-  const auto blocks = blocks_of(s0, sl, ss);
+  TORCH_CHECK(h.size(0) == x.size(0), "h and x rows differ");
+  const auto blocks = blocks_of(s0, sl, ss, x.size(0), pts.numel());
   if (pool.dtype() == torch::kFloat32)
     shrink_impl<float>(h, x, pool, meta, blocks);
   else
@@ -291,7 +302,8 @@ torch::Tensor lora_expand(torch::Tensor y, torch::Tensor h, torch::Tensor pool, 
   for (size_t j = 0; j < widths.size(); ++j)
     TORCH_CHECK(widths[j] % pool.size(1) == 0 && cols[j] + widths[j] <= y.size(1), "slice widths/columns");
   const Meta meta = make_meta(pt, pts, desc, key);
-  const auto blocks = blocks_of(s0, sl, ss);
+  TORCH_CHECK(h.size(0) == y.size(0), "h and y rows differ");
+  const auto blocks = blocks_of(s0, sl, ss, y.size(0), pts.numel());
   if (pool.dtype() == torch::kFloat32)
     expand_impl<float>(y, h, pool, meta, cols, widths, blocks);
   else
@@ -299,7 +311,17 @@ torch::Tensor lora_expand(torch::Tensor y, torch::Tensor h, torch::Tensor pool, 
   return y;
 }
 
+// Both in one call (a Linear whose step has no DoRA adapter): y[seg, cols_j] += (x[seg] @ A.T)[:, r0:r1] @ Bt_j.
+torch::Tensor lora_apply(torch::Tensor y, torch::Tensor x, torch::Tensor pool, torch::Tensor pt, torch::Tensor pts,
+                         torch::Tensor desc, int64_t key, std::vector<int64_t> cols, std::vector<int64_t> widths,
+                         torch::Tensor s0, torch::Tensor sl, torch::Tensor ss, int64_t max_rank) {
+  auto h = torch::empty({x.size(0), std::max<int64_t>(max_rank, 1)}, x.options().dtype(torch::kFloat32));
+  lora_shrink(h, x, pool, pt, pts, desc, key, s0, sl, ss);
+  return lora_expand(y, h, pool, pt, pts, desc, key, cols, widths, s0, sl, ss);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("lora_shrink", &lora_shrink);
   mod.def("lora_expand", &lora_expand);
+  mod.def("lora_apply", &lora_apply);
 }

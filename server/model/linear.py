@@ -47,6 +47,7 @@ class Linear(nn.Module):
             offsets[name] = (start, start + size)
             start += size
         self.slice_offsets = offsets  # name -> (start, end) rows of the fused weight
+        self.slice_starts = tuple(start for start, _ in offsets.values())
         self.weight = nn.Parameter(torch.empty(self.out_features, in_features, dtype=dtype, device=device),
                                    requires_grad=False)
         self.bias = (nn.Parameter(torch.zeros(self.out_features, dtype=dtype, device=device), requires_grad=False)
