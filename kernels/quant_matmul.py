@@ -12,6 +12,8 @@ block) and prefill (GEMM tiles) alike.
 """
 from __future__ import annotations
 
+import threading
+
 import torch
 import triton
 import triton.language as tl
@@ -39,14 +41,27 @@ def cpu_extension():
     return cpu_ext.load("quant_gemm", "int4/int8")
 
 
-def dequantize(w: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """ref_dequantize through the fastest path for the device (the CPU extension when built)."""
+def dequantize(w: QuantizedWeight, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
+    """ref_dequantize through the fastest path for the device (the CPU extension when built); fp32 results
+    land in `out` (a flat buffer of at least N*K elements) when given."""
     ext = cpu_extension() if w.qweight.device.type == "cpu" else None
     if ext is None:
         return ref_dequantize(w, dtype)
-    dense = (ext.int4_dequantize(w.qweight, w.scales, w.mins, w.group_size) if w.bits == 4
-             else ext.int8_dequantize(w.qweight, w.scales, w.group_size))
+    if out is None:
+        out = torch.empty(w.shape[0] * w.shape[1])
+    dense = (ext.int4_dequantize(w.qweight, w.scales, w.mins, w.group_size, out) if w.bits == 4
+             else ext.int8_dequantize(w.qweight, w.scales, w.group_size, out))
     return dense.to(dtype)
+
+
+_scratch = threading.local()  # per thread: the dense weight of the prefill path, reused across layers
+
+
+def _scratch_buffer(numel: int) -> torch.Tensor:
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < numel:
+        buf = _scratch.buf = torch.empty(numel)
+    return buf
 
 
 def cpu_quant_linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -63,7 +78,7 @@ def cpu_quant_linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | N
         y = (ext.int4_linear_tiled(x, w.qweight, w.scales, w.mins, w.group_size) if w.bits == 4
              else ext.int8_linear_tiled(x, w.qweight, w.scales, w.group_size))
         return y if bias is None else y.add_(bias)
-    return torch.nn.functional.linear(x, dequantize(w), bias)
+    return torch.nn.functional.linear(x, dequantize(w, out=_scratch_buffer(w.shape[0] * w.shape[1])), bias)
 
 
 @triton.jit

@@ -314,39 +314,32 @@ torch::Tensor int8_linear_tiled(torch::Tensor x, torch::Tensor q, torch::Tensor 
 }
 
 // Dequantize to fp32 [N, K] (prefill path: then one sgemm).
-torch::Tensor int4_dequantize(torch::Tensor q, torch::Tensor s, torch::Tensor m, int64_t G) {
-  const int64_t N = q.size(0), K = q.size(1) * 2, ng = (K + G - 1) / G;
-  auto w = torch::empty({N, K}, torch::dtype(torch::kFloat32));
+// The dense fp32 weight [N, K], written into the first N*K elements of `out` (a reused buffer: a fresh
+// allocation per call costs more in page faults than the dequantization itself).
+torch::Tensor dense_out(const torch::Tensor& out, int64_t N, int64_t K) {
+  TORCH_CHECK(out.dtype() == torch::kFloat32 && out.is_contiguous() && out.device().is_cpu() && out.numel() >= N * K,
+              "out: a contiguous fp32 CPU buffer of at least N*K elements");
+  return out.view(-1).narrow(0, 0, N * K).view({N, K});
+}
+
+torch::Tensor int4_dequantize(torch::Tensor q, torch::Tensor s, torch::Tensor m, int64_t G, torch::Tensor out) {
+  const int64_t N = q.size(0), K = q.size(1) * 2;
+  auto w = dense_out(out, N, K);
   const uint8_t* qp = q.data_ptr<uint8_t>();
   const at::Half* sp = s.data_ptr<at::Half>();
   const at::Half* mp = m.data_ptr<at::Half>();
   float* wp = w.data_ptr<float>();
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n)
-      for (int64_t k0 = 0; k0 < K; k0 += 32) {
-        const float sc = h2f(sp[n * ng + k0 / G]), mn = h2f(mp[n * ng + k0 / G]);
-        const uint8_t* b = qp + n * (K / 2) + k0 / 2;
-        float* o = wp + n * K + k0;
-        for (int j = 0; j < 16; ++j) { o[j] = float(b[j] & 0xF) * sc + mn; o[j + 16] = float(b[j] >> 4) * sc + mn; }
-      }
-  });
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) { int4_rows_f32(qp, sp, mp, K, G, n0, n1 - n0, wp + n0 * K); });
   return w;
 }
 
-torch::Tensor int8_dequantize(torch::Tensor q, torch::Tensor s, int64_t G) {
-  const int64_t N = q.size(0), K = q.size(1), ng = (K + G - 1) / G;
-  auto w = torch::empty({N, K}, torch::dtype(torch::kFloat32));
+torch::Tensor int8_dequantize(torch::Tensor q, torch::Tensor s, int64_t G, torch::Tensor out) {
+  const int64_t N = q.size(0), K = q.size(1);
+  auto w = dense_out(out, N, K);
   const int8_t* qp = q.data_ptr<int8_t>();
   const at::Half* sp = s.data_ptr<at::Half>();
   float* wp = w.data_ptr<float>();
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n)
-      for (int64_t g = 0; g < ng; ++g) {  // the scale hoisted per group: the inner loop vectorizes
-        const float sc = h2f(sp[n * ng + g]);
-        const int64_t k1 = std::min<int64_t>(K, (g + 1) * G);
-        for (int64_t k = g * G; k < k1; ++k) wp[n * K + k] = float(qp[n * K + k]) * sc;
-      }
-  });
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) { int8_rows_f32(qp, sp, K, G, n0, n1 - n0, wp + n0 * K); });
   return w;
 }
 
