@@ -1,7 +1,7 @@
 """RMSNorm and rotary embedding for fp32 on the CPU: kernels/cpu/layer_ops.cpp (one pass over memory
 each, no autograd) behind the torch expressions they replace, which are also their reference.
 
-`rms_norm` / `rotary_` take the C++ path only for inference on CPU fp32 tensors; with gradients, on
+`rms_norm` / `rotary` take the C++ path only for inference on CPU fp32 tensors; with gradients, on
 other devices or dtypes, or without a compiler, they run the torch reference.
 """
 from __future__ import annotations

@@ -55,9 +55,12 @@ def dequantize(w: QuantizedWeight, dtype: torch.dtype = torch.float32, out: torc
 
 
 _scratch = threading.local()  # per thread: the dense weight of the prefill path, reused across layers
+SCRATCH_MAX = 1 << 22  # elements (16 MiB): a layer's weight; larger ones (an LM head) get their own buffer
 
 
 def _scratch_buffer(numel: int) -> torch.Tensor:
+    if numel > SCRATCH_MAX:
+        return torch.empty(numel)
     buf = getattr(_scratch, "buf", None)
     if buf is None or buf.numel() < numel:
         buf = _scratch.buf = torch.empty(numel)
