@@ -204,14 +204,18 @@ std::vector<Seg> blocks_of(const torch::Tensor& s0, const torch::Tensor& sl, con
   return out;
 }
 
-// fn(block, its descriptor row, its page table) for every block, on all threads: blocks go to the
-// least loaded thread, largest first (cost: tokens x rank rows), each thread then runs its own list.
-template <typename F>
-void for_blocks(const std::vector<Seg>& blocks, const Meta& meta, int64_t rank_field, F fn) {
+// The blocks of one call and their split over the threads: each block goes to the least loaded
+// thread, largest first (cost: tokens x rank rows); built once per call, used by shrink and expand.
+struct Plan {
+  std::vector<Seg> blocks;
+  std::vector<std::vector<int64_t>> lists;  // per thread: indices into blocks
+};
+
+Plan plan_blocks(std::vector<Seg> blocks, const Meta& meta) {
   const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks.size()));
   std::vector<int64_t> order(blocks.size());
   for (size_t i = 0; i < order.size(); ++i) order[i] = i;
-  auto cost = [&](int64_t i) { return blocks[i].n * std::max(1, meta.d(blocks[i].slot)[rank_field]); };
+  auto cost = [&](int64_t i) { return blocks[i].n * std::max(1, meta.d(blocks[i].slot)[1]); };
   std::stable_sort(order.begin(), order.end(), [&](int64_t i, int64_t j) { return cost(i) > cost(j); });
   std::vector<std::vector<int64_t>> lists(nt);
   std::vector<int64_t> load(nt, 0);
@@ -220,9 +224,18 @@ void for_blocks(const std::vector<Seg>& blocks, const Meta& meta, int64_t rank_f
     lists[w].push_back(i);
     load[w] += cost(i);
   }
-  at::parallel_for(0, nt, 1, [&](int64_t w0, int64_t w1) {
+  return {std::move(blocks), std::move(lists)};
+}
+
+// fn(block, its descriptor row, its page table) for every block, each thread running its own list.
+template <typename F>
+void for_blocks(const Plan& plan, const Meta& meta, F fn) {
+  at::parallel_for(0, plan.lists.size(), 1, [&](int64_t w0, int64_t w1) {
     for (int64_t w = w0; w < w1; ++w)
-      for (int64_t i : lists[w]) fn(blocks[i], meta.d(blocks[i].slot), meta.table(blocks[i].slot));
+      for (int64_t i : plan.lists[w]) {
+        const Seg& s = plan.blocks[i];
+        fn(s, meta.d(s.slot), meta.table(s.slot));
+      }
   });
 }
 
@@ -244,27 +257,27 @@ Meta make_meta(const torch::Tensor& pt, const torch::Tensor& pts, const torch::T
 
 template <typename T>
 void shrink_impl(torch::Tensor& h, const torch::Tensor& x, const torch::Tensor& pool, const Meta& meta,
-                 const std::vector<Seg>& blocks) {
+                 const Plan& plan) {
   const int64_t P = pool.size(1), K = x.size(1), hs = h.stride(0), xs = x.stride(0);
   float* hp = h.data_ptr<float>();
   const float* xp = x.data_ptr<float>();
   const T* pp = pool.data_ptr<T>();
-  for (const Seg& s : blocks) TORCH_CHECK(meta.d(s.slot)[1] <= h.size(1), "h has fewer columns than a rank");
-  for_blocks(blocks, meta, 1, [&](const Seg& s, const int32_t* d, const int32_t* table) {
+  for (const Seg& s : plan.blocks) TORCH_CHECK(meta.d(s.slot)[1] <= h.size(1), "h has fewer columns than a rank");
+  for_blocks(plan, meta, [&](const Seg& s, const int32_t* d, const int32_t* table) {
     if (d[1] > 0) shrink_block<T>(hp + s.start * hs, hs, xp + s.start * xs, xs, s.n, pp, P, table, d[0], d[1], K);
   });
 }
 
 template <typename T>
 void expand_impl(torch::Tensor& y, const torch::Tensor& h, const torch::Tensor& pool, const Meta& meta,
-                 const std::vector<int64_t>& cols, const std::vector<int64_t>& widths, const std::vector<Seg>& blocks) {
+                 const std::vector<int64_t>& cols, const std::vector<int64_t>& widths, const Plan& plan) {
   const int64_t P = pool.size(1), hs = h.stride(0), ys = y.stride(0);
   float* yp = y.data_ptr<float>();
   const float* hp = h.data_ptr<float>();
   const T* pp = pool.data_ptr<T>();
-  for (const Seg& s : blocks)
+  for (const Seg& s : plan.blocks)
     for (size_t j = 0; j < widths.size(); ++j) TORCH_CHECK(meta.d(s.slot)[4 + 3 * j] <= h.size(1), "h has fewer columns than a rank");
-  for_blocks(blocks, meta, 1, [&](const Seg& s, const int32_t* d, const int32_t* table) {
+  for_blocks(plan, meta, [&](const Seg& s, const int32_t* d, const int32_t* table) {
     for (size_t j = 0; j < widths.size(); ++j) {
       const int64_t vpage = d[2 + 3 * j], r0 = d[3 + 3 * j], r1 = d[4 + 3 * j];
       if (r1 > r0)
@@ -274,21 +287,49 @@ void expand_impl(torch::Tensor& y, const torch::Tensor& h, const torch::Tensor& 
   });
 }
 
+void check_shrink(const torch::Tensor& h, const torch::Tensor& x, const torch::Tensor& pool) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && h.dtype() == torch::kFloat32 && x.stride(1) == 1 && h.stride(1) == 1,
+              "x, h: fp32 with unit column stride");
+  TORCH_CHECK(x.size(1) % pool.size(1) == 0, "in_features must be a multiple of the page size");
+  TORCH_CHECK(h.size(0) == x.size(0), "h and x rows differ");
+}
+
+void check_expand(const torch::Tensor& y, const torch::Tensor& h, const torch::Tensor& pool,
+                  const std::vector<int64_t>& cols, const std::vector<int64_t>& widths) {
+  TORCH_CHECK(y.dtype() == torch::kFloat32 && h.dtype() == torch::kFloat32 && y.stride(1) == 1 && h.stride(1) == 1,
+              "y, h: fp32 with unit column stride");
+  TORCH_CHECK(cols.size() == widths.size() && !widths.empty() && widths.size() <= 3, "1..3 output slices");
+  for (size_t j = 0; j < widths.size(); ++j)
+    TORCH_CHECK(widths[j] % pool.size(1) == 0 && cols[j] + widths[j] <= y.size(1), "slice widths/columns");
+  TORCH_CHECK(h.size(0) == y.size(0), "h and y rows differ");
+}
+
+template <typename T>
+void apply_impl(torch::Tensor* h, const torch::Tensor* x, torch::Tensor* y, const torch::Tensor& pool, const Meta& meta,
+                const std::vector<int64_t>& cols, const std::vector<int64_t>& widths, const Plan& plan) {
+  if (x != nullptr) shrink_impl<T>(*h, *x, pool, meta, plan);
+  if (y != nullptr) expand_impl<T>(*y, *h, pool, meta, cols, widths, plan);
+}
+
+// Shrink into h when x is given, then expand from h into y when y is given: one plan for both.
+void run(torch::Tensor* h, const torch::Tensor* x, torch::Tensor* y, const torch::Tensor& pool, const torch::Tensor& pt,
+         const torch::Tensor& pts, const torch::Tensor& desc, int64_t key, const std::vector<int64_t>& cols,
+         const std::vector<int64_t>& widths, const torch::Tensor& s0, const torch::Tensor& sl, const torch::Tensor& ss) {
+  const Meta meta = make_meta(pt, pts, desc, key);
+  const Plan plan = plan_blocks(blocks_of(s0, sl, ss, h->size(0), pts.numel()), meta);
+  if (pool.dtype() == torch::kFloat32)
+    apply_impl<float>(h, x, y, pool, meta, cols, widths, plan);
+  else
+    apply_impl<at::BFloat16>(h, x, y, pool, meta, cols, widths, plan);
+}
+
 }  // namespace
 
 torch::Tensor lora_shrink(torch::Tensor h, torch::Tensor x, torch::Tensor pool, torch::Tensor pt, torch::Tensor pts,
                           torch::Tensor desc, int64_t key, torch::Tensor s0, torch::Tensor sl, torch::Tensor ss) {
   check_meta(pool, pt, pts, desc, s0, sl, ss);
-  TORCH_CHECK(x.dtype() == torch::kFloat32 && h.dtype() == torch::kFloat32 && x.stride(1) == 1 && h.stride(1) == 1,
-              "x, h: fp32 with unit column stride");
-  TORCH_CHECK(x.size(1) % pool.size(1) == 0, "in_features must be a multiple of the page size");
-  const Meta meta = make_meta(pt, pts, desc, key);
-  TORCH_CHECK(h.size(0) == x.size(0), "h and x rows differ");
-  const auto blocks = blocks_of(s0, sl, ss, x.size(0), pts.numel());
-  if (pool.dtype() == torch::kFloat32)
-    shrink_impl<float>(h, x, pool, meta, blocks);
-  else
-    shrink_impl<at::BFloat16>(h, x, pool, meta, blocks);
+  check_shrink(h, x, pool);
+  run(&h, &x, nullptr, pool, pt, pts, desc, key, {}, {}, s0, sl, ss);
   return h;
 }
 
@@ -296,28 +337,22 @@ torch::Tensor lora_expand(torch::Tensor y, torch::Tensor h, torch::Tensor pool, 
                           torch::Tensor desc, int64_t key, std::vector<int64_t> cols, std::vector<int64_t> widths,
                           torch::Tensor s0, torch::Tensor sl, torch::Tensor ss) {
   check_meta(pool, pt, pts, desc, s0, sl, ss);
-  TORCH_CHECK(y.dtype() == torch::kFloat32 && h.dtype() == torch::kFloat32 && y.stride(1) == 1 && h.stride(1) == 1,
-              "y, h: fp32 with unit column stride");
-  TORCH_CHECK(cols.size() == widths.size() && !widths.empty() && widths.size() <= 3, "1..3 output slices");
-  for (size_t j = 0; j < widths.size(); ++j)
-    TORCH_CHECK(widths[j] % pool.size(1) == 0 && cols[j] + widths[j] <= y.size(1), "slice widths/columns");
-  const Meta meta = make_meta(pt, pts, desc, key);
-  TORCH_CHECK(h.size(0) == y.size(0), "h and y rows differ");
-  const auto blocks = blocks_of(s0, sl, ss, y.size(0), pts.numel());
-  if (pool.dtype() == torch::kFloat32)
-    expand_impl<float>(y, h, pool, meta, cols, widths, blocks);
-  else
-    expand_impl<at::BFloat16>(y, h, pool, meta, cols, widths, blocks);
+  check_expand(y, h, pool, cols, widths);
+  run(&h, nullptr, &y, pool, pt, pts, desc, key, cols, widths, s0, sl, ss);
   return y;
 }
 
-// Both in one call (a Linear whose step has no DoRA adapter): y[seg, cols_j] += (x[seg] @ A.T)[:, r0:r1] @ Bt_j.
+// Both in one call (a Linear whose step has no DoRA adapter): y[seg, cols_j] += (x[seg] @ A.T)[:, r0:r1] @ Bt_j;
+// the metadata is checked and the blocks planned once for the two.
 torch::Tensor lora_apply(torch::Tensor y, torch::Tensor x, torch::Tensor pool, torch::Tensor pt, torch::Tensor pts,
                          torch::Tensor desc, int64_t key, std::vector<int64_t> cols, std::vector<int64_t> widths,
                          torch::Tensor s0, torch::Tensor sl, torch::Tensor ss, int64_t max_rank) {
+  check_meta(pool, pt, pts, desc, s0, sl, ss);
   auto h = torch::empty({x.size(0), std::max<int64_t>(max_rank, 1)}, x.options().dtype(torch::kFloat32));
-  lora_shrink(h, x, pool, pt, pts, desc, key, s0, sl, ss);
-  return lora_expand(y, h, pool, pt, pts, desc, key, cols, widths, s0, sl, ss);
+  check_shrink(h, x, pool);
+  check_expand(y, h, pool, cols, widths);
+  run(&h, &x, &y, pool, pt, pts, desc, key, cols, widths, s0, sl, ss);
+  return y;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
