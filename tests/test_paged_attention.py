@@ -41,6 +41,17 @@ def test_cpu_paged_decode_equals_reference_and_dense_oracle(lens):
         torch.testing.assert_close(got[b], want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("H,KVH,D", [(8, 2, 128), (5, 1, 64), (4, 4, 64), (12, 2, 128), (6, 3, 32)])
+@pytest.mark.parametrize("peak", [1.0, 12.0])
+def test_cpu_paged_decode_head_layouts(H, KVH, D, peak):
+    """Every query-head grouping (1..6 per KV head), head sizes of the vectorized (64, 128) and generic
+    (32) paths; peak=12 makes the softmax nearly one-hot (score gaps of tens)."""
+    q, k, v, tables, lens_t, bs = _case([1, 15, 16, 17, 70], H=H, KVH=KVH, D=D, seed=H * D)
+    q = q * peak
+    got = pa.paged_decode(q, k, v, tables, lens_t, bs, D ** -0.5)
+    torch.testing.assert_close(got, pa.ref_paged_decode(q, k, v, tables, lens_t, bs, D ** -0.5), rtol=1e-5, atol=1e-5)
+
+
 def test_cpu_paged_decode_rejects_tables_outside_the_cache():
     q, k, v, tables, lens, bs = _case([20, 3])
     bad = tables.clone()

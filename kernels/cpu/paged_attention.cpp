@@ -2,15 +2,127 @@
 // (ref_paged_decode). One query token per sequence; each (sequence, KV head) pair is one task that
 // reads its context's keys and values in place through the block table (no gathered copy, no padding
 // to the longest context) for all the query heads sharing that KV head (GQA).
+// With AVX-512 and a head size that is a multiple of 16 (up to 128): scores for 16 keys at a time
+// (dot products summed across lanes by one transpose-and-add tree), a vectorized exp (Cephes
+// polynomial, ~1 ulp), and the weighted values accumulated in registers for up to 4 query heads.
 //   paged_decode(q [B, H, D] f32, k_cache [slots, KVH, D] f32, v_cache, block_tables [B, W] i64,
 //                lens [B] i32, block_size, scale) -> out [B, H, D] f32
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <immintrin.h>
 #include <algorithm>
 #include <cmath>
 #include <vector>
 
 namespace {
+
+#if defined(__AVX512F__)
+// Lane i of the result = the sum of v[i]'s 16 lanes (a transpose-and-add tree: 8 + 4 + 2 + 1 adds).
+inline __m512 reduce16(const __m512 v[16]) {
+  __m512 a[8], b[4], c[2];
+  for (int i = 0; i < 8; ++i)
+    a[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
+                         _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
+  for (int i = 0; i < 4; ++i)
+    b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xDD));
+  for (int i = 0; i < 2; ++i)
+    c[i] = _mm512_add_ps(_mm512_unpacklo_ps(b[2 * i], b[2 * i + 1]), _mm512_unpackhi_ps(b[2 * i], b[2 * i + 1]));
+  const __m512 d = _mm512_add_ps(
+      _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(c[0]), _mm512_castps_pd(c[1]))),
+      _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(c[0]), _mm512_castps_pd(c[1]))));
+  return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), d);
+}
+
+// e^x for x <= 0 (softmax after the max is subtracted): x = n ln2 + r, |r| <= ln2 / 2, Cephes' degree-6
+// polynomial for e^r, times 2^n (scalef: underflows to 0 below ~-103 as expf does).
+inline __m512 exp512(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+// out[g] += sum_t p[g, t] v[t] for GC query heads g0 .. g0 + GC, accumulators in registers.
+template <int DV, int GC>
+void weighted_values(const float* vp, const int64_t* off, int64_t L, const float* p, int64_t Lp, int64_t g0,
+                     float* ob) {
+  __m512 o[GC][DV];
+  for (int g = 0; g < GC; ++g)
+    for (int j = 0; j < DV; ++j) o[g][j] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < L; ++t) {
+    const float* v = vp + off[t];
+    __m512 vv[DV];
+    for (int j = 0; j < DV; ++j) vv[j] = _mm512_loadu_ps(v + 16 * j);
+    for (int g = 0; g < GC; ++g) {
+      const __m512 w = _mm512_set1_ps(p[(g0 + g) * Lp + t]);
+      for (int j = 0; j < DV; ++j) o[g][j] = _mm512_fmadd_ps(w, vv[j], o[g][j]);
+    }
+  }
+  for (int g = 0; g < GC; ++g)
+    for (int j = 0; j < DV; ++j) _mm512_storeu_ps(ob + (g0 + g) * DV * 16 + 16 * j, o[g][j]);
+}
+
+// One (sequence, KV head) task, head size DV * 16. off[t]: element offset of token t's key/value row.
+template <int DV>
+void decode_task_avx(const float* qb, const float* kp, const float* vp, const int64_t* off, int64_t L, int64_t G,
+                     float sc, float* ob, std::vector<float>& p) {
+  constexpr int GMAX = DV <= 4 ? 4 : 2;  // query heads per pass over the values (GMAX * DV accumulators)
+  const int64_t Lp = (L + 15) / 16 * 16;
+  p.resize(G * Lp);
+  const __m512 vsc = _mm512_set1_ps(sc), ninf = _mm512_set1_ps(-INFINITY);
+  for (int64_t g = 0; g < G; ++g) {  // scores, 16 keys at a time; lanes past L hold -inf
+    __m512 q[DV];
+    for (int j = 0; j < DV; ++j) q[j] = _mm512_loadu_ps(qb + g * DV * 16 + 16 * j);
+    float* pg = p.data() + g * Lp;
+    __m512 mx = ninf;
+    for (int64_t t0 = 0; t0 < L; t0 += 16) {
+      const int n = int(std::min<int64_t>(16, L - t0));
+      __m512 part[16];
+      for (int i = 0; i < 16; ++i) {
+        if (i < n) {
+          const float* k = kp + off[t0 + i];
+          __m512 acc = _mm512_mul_ps(q[0], _mm512_loadu_ps(k));
+          for (int j = 1; j < DV; ++j) acc = _mm512_fmadd_ps(q[j], _mm512_loadu_ps(k + 16 * j), acc);
+          part[i] = acc;
+        } else {
+          part[i] = _mm512_setzero_ps();
+        }
+      }
+      const __m512 s = _mm512_mask_blend_ps(__mmask16((1u << n) - 1u), ninf, _mm512_mul_ps(reduce16(part), vsc));
+      _mm512_storeu_ps(pg + t0, s);
+      mx = _mm512_max_ps(mx, s);
+    }
+    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t t0 = 0; t0 < Lp; t0 += 16) {
+      const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(pg + t0), m));  // -inf lanes: 0
+      _mm512_storeu_ps(pg + t0, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum));
+    for (int64_t t0 = 0; t0 < Lp; t0 += 16) _mm512_storeu_ps(pg + t0, _mm512_mul_ps(_mm512_loadu_ps(pg + t0), inv));
+  }
+  int64_t g0 = 0;
+  for (; g0 + GMAX <= G; g0 += GMAX) weighted_values<DV, GMAX>(vp, off, L, p.data(), Lp, g0, ob);
+  switch (G - g0) {
+    case 3: weighted_values<DV, 3>(vp, off, L, p.data(), Lp, g0, ob); break;
+    case 2: weighted_values<DV, 2>(vp, off, L, p.data(), Lp, g0, ob); break;
+    case 1: weighted_values<DV, 1>(vp, off, L, p.data(), Lp, g0, ob); break;
+    default: break;
+  }
+}
+#endif
+
 
 // One (sequence, KV head) task; DC = the head size when known at compile time (0: runtime D).
 template <int DC>
@@ -77,10 +189,24 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
   const float sc = static_cast<float>(scale);
   at::parallel_for(0, B * KVH, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> p;
+    std::vector<int64_t> off;
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / KVH, h = i % KVH;
       const float* qb = qp + (b * H + h * G) * D;
       float* ob = op + (b * H + h * G) * D;
+#if defined(__AVX512F__)
+      if (D == 64 || D == 128) {
+        const int64_t L = lp[b];
+        const int64_t* tb = bt + b * W;
+        off.resize(L);
+        for (int64_t t = 0; t < L; ++t) off[t] = ((tb[t / block_size] * block_size + t % block_size) * KVH + h) * D;
+        if (D == 64)
+          decode_task_avx<4>(qb, kp, vp, off.data(), L, G, sc, ob, p);
+        else
+          decode_task_avx<8>(qb, kp, vp, off.data(), L, G, sc, ob, p);
+        continue;
+      }
+#endif
       if (D == 64)
         decode_task<64>(qb, kp, vp, bt + b * W, lp[b], block_size, KVH, h, G, D, sc, ob, p);
       else if (D == 128)
