@@ -1,12 +1,12 @@
-// Decode attention over the paged KV cache for the CPU: the semantics of kernels/paged_attention.py
-// (ref_paged_decode). One query token per sequence; each (sequence, KV head) pair is one task that
-// reads its context's keys and values in place through the block table (no gathered copy, no padding
-// to the longest context) for all the query heads sharing that KV head (GQA).
-// With AVX-512 and a head size that is a multiple of 16 (up to 128): scores for 16 keys at a time
-// (dot products summed across lanes by one transpose-and-add tree), a vectorized exp (Cephes
-// polynomial, ~1 ulp), and the weighted values accumulated in registers for up to 4 query heads.
-//   paged_decode(q [B, H, D] f32, k_cache [slots, KVH, D] f32, v_cache, block_tables [B, W] i64,
-//                lens [B] i32, block_size, scale) -> out [B, H, D] f32
+// Attention over the paged KV cache for the CPU, the semantics of kernels/paged_attention.py:
+//   paged_decode (ref_paged_decode): one query token per sequence, its context read through its block table;
+//   paged_prefill (ref_paged_prefill): the causal queries of a step's prefill chunks, each chunk's context
+//   read through its list of cache slots.
+// Each (query token, KV head) pair is one task that reads its context's keys and values in place (no
+// gathered copy, no padding to the longest context) for all the query heads sharing that KV head (GQA).
+// With AVX-512 and head size 64 or 128: scores for 16 keys at a time (dot products summed across lanes by
+// one transpose-and-add tree), a vectorized exp (Cephes polynomial, ~1 ulp), and the weighted values
+// accumulated in registers for up to 4 query heads; other head sizes take a plain loop.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -72,9 +72,9 @@ void weighted_values(const float* vp, const int64_t* off, int64_t L, const float
     for (int j = 0; j < DV; ++j) _mm512_storeu_ps(ob + (g0 + g) * DV * 16 + 16 * j, o[g][j]);
 }
 
-// One (sequence, KV head) task, head size DV * 16. off[t]: element offset of token t's key/value row.
+// One task, head size DV * 16. off[t]: element offset of token t's key/value row.
 template <int DV>
-void decode_task_avx(const float* qb, const float* kp, const float* vp, const int64_t* off, int64_t L, int64_t G,
+void attend_avx(const float* qb, const float* kp, const float* vp, const int64_t* off, int64_t L, int64_t G,
                      float sc, float* ob, std::vector<float>& p) {
   constexpr int GMAX = DV <= 4 ? 4 : 2;  // query heads per pass over the values (GMAX * DV accumulators)
   const int64_t Lp = (L + 15) / 16 * 16;
@@ -124,15 +124,15 @@ void decode_task_avx(const float* qb, const float* kp, const float* vp, const in
 #endif
 
 
-// One (sequence, KV head) task; DC = the head size when known at compile time (0: runtime D).
+// One (query token, KV head) task without the vectorized path; DC = the head size when known at compile
+// time (0: runtime D). off[t]: element offset of context token t's key/value row.
 template <int DC>
-void decode_task(const float* qb, const float* kp, const float* vp, const int64_t* bt, int64_t L, int64_t block_size,
-                 int64_t KVH, int64_t h, int64_t G, int64_t Drt, float sc, float* ob, std::vector<float>& p) {
+void attend_task(const float* qb, const float* kp, const float* vp, const int64_t* off, int64_t L, int64_t G,
+                 int64_t Drt, float sc, float* ob, std::vector<float>& p) {
   const int64_t D = DC ? DC : Drt;
   p.assign(G * L, 0.f);
   for (int64_t t = 0; t < L; ++t) {  // scores, keys read in place
-    const int64_t slot = bt[t / block_size] * block_size + t % block_size;
-    const float* __restrict k = kp + (slot * KVH + h) * D;
+    const float* __restrict k = kp + off[t];
     for (int64_t g = 0; g < G; ++g) {
       const float* __restrict qg = qb + g * D;
       float s = 0.f;
@@ -151,8 +151,7 @@ void decode_task(const float* qb, const float* kp, const float* vp, const int64_
   }
   std::fill(ob, ob + G * D, 0.f);
   for (int64_t t = 0; t < L; ++t) {  // weighted values, read in place
-    const int64_t slot = bt[t / block_size] * block_size + t % block_size;
-    const float* __restrict v = vp + (slot * KVH + h) * D;
+    const float* __restrict v = vp + off[t];
     for (int64_t g = 0; g < G; ++g) {
       const float w = p[g * L + t];
       float* __restrict og = ob + g * D;
@@ -162,14 +161,30 @@ void decode_task(const float* qb, const float* kp, const float* vp, const int64_
   }
 }
 
+// The G query heads at qb (sharing one KV head) attend to the L context rows at off -> ob.
+void attend(const float* qb, const float* kp, const float* vp, const int64_t* off, int64_t L, int64_t G, int64_t D,
+            float sc, float* ob, std::vector<float>& p) {
+#if defined(__AVX512F__)
+  if (D == 64) return attend_avx<4>(qb, kp, vp, off, L, G, sc, ob, p);
+  if (D == 128) return attend_avx<8>(qb, kp, vp, off, L, G, sc, ob, p);
+#endif
+  if (D == 64) return attend_task<64>(qb, kp, vp, off, L, G, D, sc, ob, p);
+  if (D == 128) return attend_task<128>(qb, kp, vp, off, L, G, D, sc, ob, p);
+  attend_task<0>(qb, kp, vp, off, L, G, D, sc, ob, p);
+}
+
+void check_caches(const torch::Tensor& k_cache, const torch::Tensor& v_cache) {
+  TORCH_CHECK(k_cache.dtype() == torch::kFloat32 && v_cache.dtype() == torch::kFloat32 && k_cache.dim() == 3 &&
+                  k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.sizes() == v_cache.sizes(),
+              "caches: contiguous f32 [slots, KVH, D]");
+}
+
 }  // namespace
 
 torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor block_tables,
                            torch::Tensor lens, int64_t block_size, double scale) {
   TORCH_CHECK(q.dtype() == torch::kFloat32 && q.dim() == 3 && q.is_contiguous(), "q: contiguous f32 [B, H, D]");
-  TORCH_CHECK(k_cache.dtype() == torch::kFloat32 && v_cache.dtype() == torch::kFloat32 && k_cache.dim() == 3 &&
-                  k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.sizes() == v_cache.sizes(),
-              "caches: contiguous f32 [slots, KVH, D]");
+  check_caches(k_cache, v_cache);
   TORCH_CHECK(block_tables.dtype() == torch::kLong && block_tables.dim() == 2 && block_tables.is_contiguous(),
               "block_tables: contiguous int64 [B, W]");
   TORCH_CHECK(lens.dtype() == torch::kInt && lens.is_contiguous() && lens.numel() == q.size(0), "lens: int32 [B]");
@@ -191,31 +206,61 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
     std::vector<float> p;
     std::vector<int64_t> off;
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / KVH, h = i % KVH;
-      const float* qb = qp + (b * H + h * G) * D;
-      float* ob = op + (b * H + h * G) * D;
-#if defined(__AVX512F__)
-      if (D == 64 || D == 128) {
-        const int64_t L = lp[b];
-        const int64_t* tb = bt + b * W;
-        off.resize(L);
-        for (int64_t t = 0; t < L; ++t) off[t] = ((tb[t / block_size] * block_size + t % block_size) * KVH + h) * D;
-        if (D == 64)
-          decode_task_avx<4>(qb, kp, vp, off.data(), L, G, sc, ob, p);
-        else
-          decode_task_avx<8>(qb, kp, vp, off.data(), L, G, sc, ob, p);
-        continue;
-      }
-#endif
-      if (D == 64)
-        decode_task<64>(qb, kp, vp, bt + b * W, lp[b], block_size, KVH, h, G, D, sc, ob, p);
-      else if (D == 128)
-        decode_task<128>(qb, kp, vp, bt + b * W, lp[b], block_size, KVH, h, G, D, sc, ob, p);
-      else
-        decode_task<0>(qb, kp, vp, bt + b * W, lp[b], block_size, KVH, h, G, D, sc, ob, p);
+      const int64_t b = i / KVH, h = i % KVH, L = lp[b];
+      const int64_t* tb = bt + b * W;
+      off.resize(L);
+      for (int64_t t = 0; t < L; ++t) off[t] = ((tb[t / block_size] * block_size + t % block_size) * KVH + h) * D;
+      attend(qp + (b * H + h * G) * D, kp, vp, off.data(), L, G, D, sc, op + (b * H + h * G) * D, p);
     }
   });
   return out;
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) { mod.def("paged_decode", &paged_decode); }
+// Causal attention for the prefill chunks of a step, over their contexts in the cache (this step's keys and
+// values already written). chunks [C, 4] int64 rows (q_start, n, slot_off, ctx_len): the chunk's queries are
+// q[q_start : q_start + n], its context's cache slots slots[slot_off : slot_off + ctx_len] in order, and its
+// query i sees context tokens 0 .. ctx_len - n + i. Results go to the same rows of out.
+void paged_prefill(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor chunks,
+                   torch::Tensor slots, double scale, torch::Tensor out) {
+  TORCH_CHECK(q.dtype() == torch::kFloat32 && q.dim() == 3 && q.is_contiguous(), "q: contiguous f32 [T, H, D]");
+  TORCH_CHECK(out.dtype() == torch::kFloat32 && out.is_contiguous() && out.sizes() == q.sizes(), "out: like q");
+  check_caches(k_cache, v_cache);
+  TORCH_CHECK(chunks.dtype() == torch::kLong && chunks.dim() == 2 && chunks.size(1) == 4 && chunks.is_contiguous(),
+              "chunks: contiguous int64 [C, 4]");
+  TORCH_CHECK(slots.dtype() == torch::kLong && slots.dim() == 1 && slots.is_contiguous(), "slots: contiguous int64 [S]");
+  const int64_t T = q.size(0), H = q.size(1), D = q.size(2), KVH = k_cache.size(1), C = chunks.size(0);
+  TORCH_CHECK(k_cache.size(2) == D && H % KVH == 0, "head shapes");
+  const int64_t G = H / KVH, num_slots = k_cache.size(0), S = slots.numel();
+  const int64_t* ch = chunks.data_ptr<int64_t>();
+  const int64_t* sl = slots.data_ptr<int64_t>();
+  std::vector<int64_t> first(C + 1, 0);  // first task of each chunk: (query, KV head) pairs
+  for (int64_t c = 0; c < C; ++c) {
+    const int64_t q0 = ch[4 * c], n = ch[4 * c + 1], so = ch[4 * c + 2], ctx = ch[4 * c + 3];
+    TORCH_CHECK(q0 >= 0 && n >= 1 && q0 + n <= T && n <= ctx && so >= 0 && so + ctx <= S,
+                "prefill chunk outside the step's queries or slots");
+    for (int64_t t = 0; t < ctx; ++t) TORCH_CHECK(sl[so + t] >= 0 && sl[so + t] < num_slots, "slot outside the cache");
+    first[c + 1] = first[c] + n * KVH;
+  }
+  const float *qp = q.data_ptr<float>(), *kp = k_cache.data_ptr<float>(), *vp = v_cache.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+  at::parallel_for(0, first[C], 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> p;
+    std::vector<int64_t> off;
+    int64_t c = std::upper_bound(first.begin(), first.end(), i0) - first.begin() - 1;
+    for (int64_t i = i0; i < i1; ++i) {
+      while (i >= first[c + 1]) ++c;
+      const int64_t q0 = ch[4 * c], n = ch[4 * c + 1], so = ch[4 * c + 2], ctx = ch[4 * c + 3];
+      const int64_t j = (i - first[c]) / KVH, h = (i - first[c]) % KVH, L = ctx - n + j + 1;
+      off.resize(L);
+      for (int64_t t = 0; t < L; ++t) off[t] = (sl[so + t] * KVH + h) * D;
+      const int64_t row = ((q0 + j) * H + h * G) * D;
+      attend(qp + row, kp, vp, off.data(), L, G, D, sc, op + row, p);
+    }
+  });
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+  mod.def("paged_decode", &paged_decode);
+  mod.def("paged_prefill", &paged_prefill);
+}

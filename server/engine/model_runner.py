@@ -86,7 +86,7 @@ class ModelRunner:
         n = embeds.shape[0]
         slots = slots.to(self.device)
         attn = AttentionMetadata(slot_mapping=slots, num_decodes=0, decode_block_tables=None, decode_lens=None,
-                                 prefills=[PrefillChunk(0, n, n, slots, None)])
+                                 prefills=[PrefillChunk(0, n, n, slots)])
         positions = torch.arange(n, device=self.device)
         self.model(positions, positions, attn, inputs_embeds=embeds.to(self.device, self.model.dtype))
 
@@ -118,12 +118,7 @@ class ModelRunner:
                 dec_tables.append(seq.block_table)
                 dec_lens.append(cached + 1)
             else:
-                mask = None
-                if cached:
-                    # query i (absolute index cached + i) sees keys 0 .. cached + i
-                    mask = (torch.arange(cached + n)[None, :] <= (cached + torch.arange(n))[:, None])
-                    mask = mask.to(self.device)
-                prefills.append(PrefillChunk(start, n, cached + n, ctx_slots.to(self.device), mask))
+                prefills.append(PrefillChunk(start, n, cached + n, ctx_slots.to(self.device)))
             if seq.num_computed + n == len(seq.token_ids):
                 sample_rows.append(start + n - 1)
                 samplers.append(seq)

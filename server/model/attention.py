@@ -1,6 +1,5 @@
-"""Attention over the paged KV cache (decode tokens: kernels/paged_attention.py; prefill chunks: torch
-SDPA over the chunk's context), and cache-free attention over padded batches for training
-(`DenseAttention`).
+"""Attention over the paged KV cache (kernels/paged_attention.py: decode tokens, and the causal queries of
+prefill chunks), and cache-free attention over padded batches for training (`DenseAttention`).
 
 The step's tokens are laid out as [decode tokens (one per sequence) | prefill chunk 0 | chunk 1 ...].
 New keys/values are written into their cache slots first, then each query attends to its
@@ -9,12 +8,13 @@ sequence's whole context read back through the block table.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from kernels.paged_attention import paged_decode
+from kernels.paged_attention import pack_prefill_chunks, paged_decode, paged_prefill
 
 
 @dataclass
@@ -22,8 +22,8 @@ class PrefillChunk:
     start: int  # offset of the chunk's first token in the step's token list
     length: int  # tokens in this chunk
     context_len: int  # tokens of the sequence in the cache after this chunk (cached prefix + chunk)
-    slots: torch.Tensor  # [context_len] int64 cache slots of the whole context, in order
-    mask: torch.Tensor | None  # [length, context_len] bool (True = attend); None = plain causal
+    slots: torch.Tensor  # [context_len] int64 cache slots of the whole context, in order; query i of the chunk
+    # sees context tokens 0 .. context_len - length + i (causal after the cached prefix)
 
 
 @dataclass
@@ -35,6 +35,12 @@ class AttentionMetadata:
     decode_block_tables: torch.Tensor | None  # [B, max_blocks] int64 (padded with block 0)
     decode_lens: torch.Tensor | None  # [B] int32: context length of each decode sequence (this token included)
     prefills: list[PrefillChunk]
+
+    @cached_property
+    def prefill_pack(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prefill chunks as `paged_prefill` takes them, packed on first use and shared by all layers."""
+        chunks, slots = pack_prefill_chunks([(c.start, c.length, c.context_len, c.slots) for c in self.prefills])
+        return chunks.to(self.slot_mapping.device), slots.to(self.slot_mapping.device)
 
 
 @dataclass
@@ -90,15 +96,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     meta: AttentionMetadata, block_size: int, scale: float) -> torch.Tensor:
     """q: [T, H, D] -> out [T, H, D]; the caches already hold this step's keys and values."""
     out = torch.empty_like(q)
-    num_kv_heads = k_cache.shape[1]
     nd = meta.num_decodes
     if nd:
         out[:nd] = paged_decode(q[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_lens, block_size, scale)
-    for c in meta.prefills:
-        qc = q[c.start:c.start + c.length].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
-        kc = k_cache[c.slots].transpose(0, 1).unsqueeze(0)  # [1, KVH, ctx, D]
-        vc = v_cache[c.slots].transpose(0, 1).unsqueeze(0)
-        o = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=c.mask, is_causal=c.mask is None,
-                                           scale=scale, enable_gqa=num_kv_heads != q.shape[1])
-        out[c.start:c.start + c.length] = o[0].transpose(0, 1)
+    if meta.prefills:
+        paged_prefill(q, k_cache, v_cache, *meta.prefill_pack, scale, out)
     return out
