@@ -1,12 +1,15 @@
-"""RMSNorm and rotary embedding for fp32 on the CPU: kernels/cpu/layer_ops.cpp (one pass over memory
-each, no autograd) behind the torch expressions they replace, which are also their reference.
+"""RMSNorm, rotary embedding and SwiGLU for fp32 on the CPU: kernels/cpu/layer_ops.cpp (one pass over
+memory each, no autograd) behind the torch expressions they replace, which are also their reference.
 
-`rms_norm` / `rotary` take the C++ path only for inference on CPU fp32 tensors; with gradients, on
-other devices or dtypes, or without a compiler, they run the torch reference.
+`rms_norm` / `rotary` / `silu_and_mul` take the C++ path only for inference on CPU fp32 tensors; with
+gradients, on other devices or dtypes, or without a compiler, they run the torch reference.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
+import torch.nn.functional as F
 
 from kernels import cpu_ext
 
@@ -50,3 +53,22 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
         _ext().rotary_(q, k, cos.reshape(cos.shape[0], -1), sin.reshape(sin.shape[0], -1))
         return q, k
     return ref_rotary(q, k, cos, sin)
+
+
+@functools.lru_cache(maxsize=None)
+def _silu_mul_ok() -> bool:
+    return _ext() is not None and _ext().silu_mul_available()
+
+
+def ref_silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[T, 2I] -> [T, I]: silu(gate) * up, the SwiGLU of Llama's MLP."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """ref_silu_and_mul in one pass (the same exp and rounding as torch's silu, bit-identical). Only for I a
+    multiple of 32: torch's silu runs 32 lanes per loop step and leaves a shorter tail to scalar std::exp."""
+    if gate_up.dim() == 2 and gate_up.shape[-1] % 64 == 0 and _fast(gate_up) and _silu_mul_ok():
+        return _ext().silu_mul(gate_up)
+    return ref_silu_and_mul(gate_up)

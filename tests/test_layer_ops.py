@@ -1,7 +1,7 @@
-"""The C++ RMSNorm and rotary embedding (kernels/cpu/layer_ops.cpp) against their torch references on
-fresh random inputs: rotary exactly (the same roundings, no fused multiply-add), RMSNorm within a few
-ulp (its sum of squares is accumulated in another order); both on strided views of a fused qkv output,
-and the torch path wherever autograd needs it."""
+"""The C++ RMSNorm, rotary embedding and SwiGLU (kernels/cpu/layer_ops.cpp) against their torch references
+on fresh random inputs: rotary and SwiGLU exactly (the same roundings, no fused multiply-add, torch's own
+exp), RMSNorm within a few ulp (its sum of squares is accumulated in another order); on strided views of
+fused outputs, and the torch path wherever autograd needs it."""
 from __future__ import annotations
 
 import pytest
@@ -40,6 +40,20 @@ def test_rotary_in_place_equals_torch_exactly(T, H, KVH, Dh):
     assert torch.equal(qkv[:, (H + KVH) * Dh:], v_before), "v must be untouched"
 
 
+@pytest.mark.parametrize("T,I", [(1, 1536), (9, 32), (33, 96), (512, 64), (5, 48)])
+def test_silu_and_mul_equals_torch_exactly(T, I):
+    """I = 48 takes the torch path (torch's own tail handling); the others the C++ kernel."""
+    if not layer_ops._silu_mul_ok():
+        pytest.skip("no AVX-512 or no exported SLEEF exp: the torch expression runs instead")
+    g = torch.Generator().manual_seed(T + I)
+    x = torch.randn(T, 2 * I, generator=g) * 8
+    x[0, :8] = torch.tensor([-200.0, -88.0, 0.0, 89.0, float("inf"), float("-inf"), float("nan"), -0.0])
+    got, want = layer_ops.silu_and_mul(x), layer_ops.ref_silu_and_mul(x)
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num())
+    strided = torch.randn(T, 4 * I, generator=g)[:, :2 * I]  # rows of a wider tensor
+    assert torch.equal(layer_ops.silu_and_mul(strided), layer_ops.ref_silu_and_mul(strided))
+
+
 def test_autograd_takes_the_torch_path():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 32, generator=g, requires_grad=True)
@@ -53,3 +67,6 @@ def test_autograd_takes_the_torch_path():
     assert rq.data_ptr() != q.data_ptr()
     rq.sum().backward()
     assert q.grad is not None
+    gu = torch.randn(3, 64, generator=g, requires_grad=True)
+    layer_ops.silu_and_mul(gu).sum().backward()
+    assert gu.grad is not None and gu.grad.abs().sum() > 0

@@ -2,8 +2,10 @@
 //   rms_norm(x [T, D], w [D], eps) -> w * (x * rsqrt(mean(x^2) + eps))           (Hugging Face's order)
 //   rotary_(q [T, H, Dh], k [T, KVH, Dh], cos [T, Dh], sin [T, Dh]): in place,
 //       x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x[Dh/2:], x[:Dh/2])
+//   silu_mul(gate_up [T, 2I]) -> silu(gate) * up, silu(g) = g / (1 + exp(-g))  (SwiGLU; AVX-512 only)
 // The products and sums are rounded one by one as torch's elementwise ops round them (no fused
-// multiply-add), so rotary_ equals the torch expression exactly; rms_norm's sum of squares is
+// multiply-add), so rotary_ equals the torch expression exactly, and so does silu_mul: it uses the
+// exp of torch's own vectorized silu (SLEEF's expf16_u10, exported by libtorch_cpu); rms_norm's sum of squares is
 // accumulated in a different order than torch's mean (last-bit differences).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -12,6 +14,12 @@
 
 // No a * b + c contracted into one fused multiply-add: each product is rounded as torch rounds it.
 #pragma GCC optimize("fp-contract=off")
+
+#if defined(__AVX512F__)
+// torch's AVX-512 Vectorized<float>::exp; weak: when a torch build does not export it, silu_mul is
+// reported unavailable and the caller keeps the torch expression.
+extern "C" __m512 Sleef_expf16_u10(__m512) __attribute__((weak));
+#endif
 
 namespace {
 
@@ -98,7 +106,42 @@ void rotary_(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch::Tensor 
   });
 }
 
+bool silu_mul_available() {
+#if defined(__AVX512F__)
+  return Sleef_expf16_u10 != nullptr;
+#else
+  return false;
+#endif
+}
+
+torch::Tensor silu_mul(torch::Tensor gate_up) {
+  check_f32(gate_up, "gate_up");
+  TORCH_CHECK(silu_mul_available(), "silu_mul needs AVX-512 and torch's exported SLEEF exp");
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.size(1) % 32 == 0, "gate_up [T, 2I] with I a multiple of 16");
+  const int64_t T = gate_up.size(0), I = gate_up.size(1) / 2, gs = gate_up.stride(0);
+  auto out = torch::empty({T, I}, gate_up.options());
+  const float* gp = gate_up.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+#if defined(__AVX512F__)
+  at::parallel_for(0, T, 8, [&](int64_t t0, int64_t t1) {
+    const __m512 one = _mm512_set1_ps(1.f);
+    for (int64_t t = t0; t < t1; ++t) {
+      const float *g = gp + t * gs, *u = g + I;
+      float* o = op + t * I;
+      for (int64_t i = 0; i < I; i += 16) {
+        const __m512 x = _mm512_loadu_ps(g + i);
+        const __m512 e = Sleef_expf16_u10(_mm512_sub_ps(_mm512_setzero_ps(), x));
+        _mm512_storeu_ps(o + i, _mm512_mul_ps(_mm512_div_ps(x, _mm512_add_ps(one, e)), _mm512_loadu_ps(u + i)));
+      }
+    }
+  });
+#endif
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("rms_norm", &rms_norm);
   mod.def("rotary_", &rotary_);
+  mod.def("silu_mul", &silu_mul);
+  mod.def("silu_mul_available", &silu_mul_available);
 }

@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from kernels.layer_ops import rms_norm, rotary
+from kernels.layer_ops import rms_norm, rotary, silu_and_mul  # noqa: F401  (silu_and_mul: the MLP's SwiGLU)
 
 
 class RMSNorm(nn.Module):
@@ -18,12 +17,6 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps)  # x: [T, dim] (or [B, S, dim] in training)
-
-
-def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """[T, 2I] -> [T, I]: silu(gate) * up, the SwiGLU of Llama's MLP."""
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
 
 
 class RotaryEmbedding(nn.Module):
