@@ -2,9 +2,9 @@
 
 32 concurrent requests (all arriving at once), each with its own prompt, using 1, 8 or 32 distinct
 LoRA adapters (r=16 on all linear layers), against the same load on the base model alone, and
-against PEFT's mixed-batch `generate(adapter_names=...)` on the same prompts (left-padded, one
-batch). Then adapter load latency: from disk (read + validate + convert) and from host memory
-(copy into pool pages after an eviction).
+against PEFT's mixed-batch `generate(adapter_names=...)` on the same prompts (left-padded, one batch;
+run in every round next to ours). Then adapter load latency: from disk (read + validate + convert)
+and from host memory (copy into pool pages after an eviction).
 
     python bench/bench_adapters.py [--requests 32] [--new-tokens 32] [--skip-peft]
 """
@@ -147,32 +147,35 @@ def main() -> None:
         for n in kn:
             engine.adapters.load(n)
         configs.append((f"{args.prompt_kinds} {kind}-tuning adapters (16 virtual tokens)", engine, kn))
-    # rounds over all configurations: this machine is shared and noisy (identical runs swing 1.5x), so each
-    # round runs every configuration back to back and each ratio is taken against the same round's
-    # base-only run; the table reports medians over rounds (tok/s and ratios)
-    tps: dict[str, list[float]] = {label: [] for label, _, _ in configs}
-    for r in range(args.rounds):
-        for label, eng, adapters in configs:
-            tps[label].append(run_ours(eng, prompts, adapters, args.new_tokens))
-            print(f"  round {r + 1} ours {label}: {tps[label][-1]:.1f} tok/s", flush=True)
-    base_runs = tps[configs[0][0]]
-    rows = [(label, statistics.median(tps[label]),
-             statistics.median(t / b for t, b in zip(tps[label], base_runs))) for label, _, _ in configs]
-    peft_tps = None
+    peft_model, k = None, max(args.distinct)
     if not args.skip_peft:
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
 
         from tests.oracle import hf_smollm2_dir
         base = AutoModelForCausalLM.from_pretrained(hf_smollm2_dir(), dtype=torch.float32).eval()
-        k = max(args.distinct)
-        model = PeftModel.from_pretrained(base, CACHE / names[0], adapter_name=names[0])
+        peft_model = PeftModel.from_pretrained(base, CACHE / names[0], adapter_name=names[0])
         for n in names[1:k]:
-            model.load_adapter(CACHE / n, adapter_name=n)
-        # two runs, the better one kept (the conservative choice for our ratio)
-        peft_tps = max(run_peft(model, prompts, [names[i % k] for i in range(len(prompts))], args.new_tokens)
-                       for _ in range(2))
-        print(f"  PEFT {k} distinct mixed: {peft_tps:.1f} tok/s (best of 2)", flush=True)
+            peft_model.load_adapter(CACHE / n, adapter_name=n)
+        run_peft(peft_model, prompts[:2], [names[0], names[1]], 2)  # warm-up
+    # rounds over all configurations: this machine is shared and noisy (identical runs swing 1.5x), so each
+    # round runs every configuration back to back (PEFT's mixed batch too) and each ratio is taken against the
+    # same round's base-only / PEFT run; the table reports medians over rounds (tok/s and ratios)
+    tps: dict[str, list[float]] = {label: [] for label, _, _ in configs}
+    peft_runs: list[float] = []
+    for r in range(args.rounds):
+        for label, eng, adapters in configs:
+            tps[label].append(run_ours(eng, prompts, adapters, args.new_tokens))
+            print(f"  round {r + 1} ours {label}: {tps[label][-1]:.1f} tok/s", flush=True)
+        if peft_model is not None:
+            peft_runs.append(run_peft(peft_model, prompts, [names[i % k] for i in range(len(prompts))], args.new_tokens))
+            print(f"  round {r + 1} PEFT {k} distinct mixed: {peft_runs[-1]:.1f} tok/s", flush=True)
+    base_runs = tps[configs[0][0]]
+    rows = [(label, statistics.median(tps[label]),
+             statistics.median(t / b for t, b in zip(tps[label], base_runs)),
+             statistics.median(t / p for t, p in zip(tps[label], peft_runs)) if peft_runs else None)
+            for label, _, _ in configs]
+    peft_tps = statistics.median(peft_runs) if peft_runs else None
 
     # load latency: disk (unload + load) and host (evict from the pool + make resident)
     disk, host = [], []
@@ -189,18 +192,18 @@ def main() -> None:
         assert mgr.make_resident(n)
         host.append(time.perf_counter() - t0)
 
-    base_tps = rows[0][1]
     mib = mgr.entries[names[0]].nbytes / 2**20
     print(f"\nSmolLM2-135M (linear layers: {engine.quantization}; adapters fp32) on {args.device} ({torch.get_num_threads()} threads); {args.requests} concurrent "
           f"requests, {args.new_tokens} new tokens each; adapters r={args.rank} on all linear layers "
-          f"({mib:.1f} MiB each); medians over {args.rounds} interleaved rounds\n")
+          f"({mib:.1f} MiB each); medians over {args.rounds} interleaved rounds (ratios: per round, then the median)\n")
     print("| load | tok/s | vs base only (same round) | vs PEFT mixed |")
     print("|---|---:|---:|---:|")
-    for label, t, ratio in rows:
-        vs_peft = f"{t / peft_tps:.2f}x" if peft_tps and label.startswith(f"{max(args.distinct)} ") else ""
+    for label, t, ratio, vs in rows:
+        vs_peft = f"{vs:.2f}x" if vs is not None and label.startswith(f"{k} ") else ""
         print(f"| {label} | {t:.1f} | {ratio:.2f}x | {vs_peft} |")
     if peft_tps:
-        print(f"| PEFT {max(args.distinct)} distinct, mixed batch | {peft_tps:.1f} | {peft_tps / base_tps:.2f}x | 1.00x |")
+        peft_base = statistics.median(p / b for p, b in zip(peft_runs, base_runs))
+        print(f"| PEFT {k} distinct, mixed batch | {peft_tps:.1f} | {peft_base:.2f}x | 1.00x |")
     print(f"\nadapter load latency over {len(names)} adapters: disk p50 {pct(disk, .5) * 1000:.1f} ms, "
           f"p99 {pct(disk, .99) * 1000:.1f} ms; host p50 {pct(host, .5) * 1000:.2f} ms, "
           f"p99 {pct(host, .99) * 1000:.2f} ms")
