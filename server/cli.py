@@ -46,8 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bytes of KV cache (e.g. 256MiB, 2G); sets how many tokens can be resident")
     e.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
     e.add_argument("--max-num-seqs", type=int, default=64, help="sequences in the running batch")
-    e.add_argument("--max-num-batched-tokens", type=int, default=512,
-                   help="tokens per engine step (decodes + prefill chunks)")
+    e.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                   help="tokens per engine step (decodes + prefill chunks); smaller chunks = shorter steps "
+                        "for the running decodes, larger = better batching of prompts")
     e.add_argument("--max-queue", type=int, default=256,
                    help="waiting requests; more are refused with RESOURCE_EXHAUSTED")
     e.add_argument("--default-max-new-tokens", type=int, default=256,

@@ -23,7 +23,7 @@ class EngineConfig:
     kv_cache_memory: int = 256 << 20  # bytes of KV cache
     block_size: int = 16  # tokens per KV block
     max_num_seqs: int = 64  # running sequences per step
-    max_num_batched_tokens: int = 512  # token budget per step (prefill chunks + decodes)
+    max_num_batched_tokens: int = 2048  # token budget per step (prefill chunks + decodes), vLLM's online default
     max_queue: int = 256  # waiting requests; more get QueueFullError
     max_model_len: int | None = None  # None = the model's max_position_embeddings
     default_max_new_tokens: int = 256  # used when a request asks for 0
