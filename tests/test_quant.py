@@ -88,6 +88,7 @@ def test_tied_lm_head_served_from_the_packed_q8_0_embedding():
     packed = LLMEngine.from_config(EngineConfig(quantize="auto")).model
     dense = LLMEngine.from_config(EngineConfig(quantize="none")).model
     assert dense.head_q is None and packed.head_q is not None
+    assert dense.packed_embedding is None  # unused by a dense head: not kept (~29 MiB)
     assert torch.equal(packed.embed_tokens.weight, dense.embed_tokens.weight)  # the lookup: exact values
     assert torch.equal(ref_dequantize(packed.head_q), dense.embed_tokens.weight)
     n = dense.embed_tokens.weight.numel()

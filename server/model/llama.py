@@ -166,10 +166,12 @@ class LlamaModel(nn.Module):
         """Every linear layer (not embeddings, norms or the LM head) to `method`: int4 | int8 | none | auto.
 
         auto keeps what was loaded (GGUF Q4/Q8 stay packed, dense stays dense); a tied LM head whose
-        GGUF embedding was Q8_0/Q4_x is then served from those packed values (the lookup stays dense)."""
+        GGUF embedding was Q8_0/Q4_x is then served from those packed values (the lookup stays dense).
+        Runs once, after loading: the packed embedding is dropped when the head does not use it."""
         tied_packed = method == "auto" and self.lm_head is None and self.packed_embedding is not None
         self.head_q = self.packed_embedding.to(self.device) if tied_packed else None
         self._head_qmatmul = quant_linear_for(self.device) if tied_packed else None
+        self.packed_embedding = self.head_q
         for lin in self.linears():
             if method == "none":
                 lin.dequantize_(self.dtype)
