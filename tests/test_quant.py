@@ -59,6 +59,34 @@ def test_cpu_kernel_equals_reference(fmt, rows):
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)  # fp32 accumulation vs fp64
 
 
+@pytest.mark.skipif(cpu_extension() is None, reason="no C++ compiler for the CPU kernels")
+def test_cpu_kernels_refuse_inconsistent_packed_weights():
+    """Scales or mins with the wrong rows or groups would make the kernels read past their buffers: every
+    entry point (GEMV, tiled, dequantize) of both formats refuses them before reading."""
+    ext, g = cpu_extension(), torch.Generator().manual_seed(0)
+    w4, w8 = quantize_int4(torch.randn(48, 128, generator=g), 32), quantize_int8(torch.randn(48, 128, generator=g), 32)
+    x, out = torch.randn(20, 128, generator=g), torch.empty(48 * 128)
+    calls4 = [lambda q, s, m: ext.int4_linear(x, q, s, m, 32), lambda q, s, m: ext.int4_linear_tiled(x, q, s, m, 32),
+              lambda q, s, m: ext.int4_dequantize(q, s, m, 32, out)]
+    calls8 = [lambda q, s: ext.int8_linear(x, q, s, 32), lambda q, s: ext.int8_linear_tiled(x, q, s, 32),
+              lambda q, s: ext.int8_dequantize(q, s, 32, out)]
+    for call in calls4:
+        call(w4.qweight, w4.scales, w4.mins)  # consistent: accepted
+        for bad in ((w4.qweight, w4.scales[:40], w4.mins[:40]),  # rows
+                    (w4.qweight, w4.scales[:, :2].contiguous(), w4.mins[:, :2].contiguous()),  # groups
+                    (w4.qweight, w4.scales, w4.mins[:40]), (w4.qweight, w4.scales.float(), w4.mins)):
+            with pytest.raises(RuntimeError, match="int4"):
+                call(*bad)
+    for call in calls8:
+        call(w8.qweight, w8.scales)
+        for bad in ((w8.qweight, w8.scales[:40]), (w8.qweight, w8.scales[:, :2].contiguous()),
+                    (w8.qweight.to(torch.uint8), w8.scales)):
+            with pytest.raises(RuntimeError, match="int8"):
+                call(*bad)
+    with pytest.raises(RuntimeError, match="x: contiguous"):
+        ext.int4_linear_tiled(x.t(), w4.qweight, w4.scales, w4.mins, 32)
+
+
 @pytest.fixture(scope="module")
 def prose_ids():
     from transformers import AutoTokenizer

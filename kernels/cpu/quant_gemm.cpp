@@ -259,14 +259,41 @@ torch::Tensor tiled_linear(const torch::Tensor& x, int64_t N, Rows rows) {
   return y;
 }
 
+// Argument checks shared by every entry point of a format: the kernels index q, scales and mins by the
+// same row n and group k / G, so their shapes must agree before any pointer is read.
+void check_x(const torch::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu() && x.dtype() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(),
+              "x: contiguous f32 [B, K] on the CPU");
+}
+
+void check_int4(const torch::Tensor& q, const torch::Tensor& s, const torch::Tensor& m, int64_t G, int64_t K) {
+  TORCH_CHECK(q.dtype() == torch::kUInt8 && s.dtype() == torch::kHalf && m.dtype() == torch::kHalf,
+              "int4 dtypes: q uint8, scales and mins fp16");
+  TORCH_CHECK(q.is_contiguous() && s.is_contiguous() && m.is_contiguous() && q.dim() == 2 && s.dim() == 2,
+              "int4: contiguous q [N, K/2], scales and mins [N, K/G]");
+  TORCH_CHECK(q.size(1) * 2 == K && G > 0 && G % 32 == 0 && K % 32 == 0,
+              "int4 shapes: K = 2 q.size(1), G and K multiples of 32");
+  TORCH_CHECK(s.size(0) == q.size(0) && s.size(1) == (K + G - 1) / G && m.sizes() == s.sizes(),
+              "int4 scales/mins must be [N, ceil(K/G)] for q [N, K/2]");
+}
+
+void check_int8(const torch::Tensor& q, const torch::Tensor& s, int64_t G, int64_t K) {
+  TORCH_CHECK(q.dtype() == torch::kInt8 && s.dtype() == torch::kHalf, "int8 dtypes: q int8, scales fp16");
+  TORCH_CHECK(q.is_contiguous() && s.is_contiguous() && q.dim() == 2 && s.dim() == 2,
+              "int8: contiguous q [N, K], scales [N, K/G]");
+  TORCH_CHECK(q.size(1) == K && G > 0 && G % 32 == 0 && K % 32 == 0,
+              "int8 shapes: K = q.size(1), G and K multiples of 32");
+  TORCH_CHECK(s.size(0) == q.size(0) && s.size(1) == (K + G - 1) / G,
+              "int8 scales must be [N, ceil(K/G)] for q [N, K]");
+}
+
 }  // namespace
 
 torch::Tensor int4_linear(torch::Tensor x, torch::Tensor q, torch::Tensor s, torch::Tensor m, int64_t G) {
-  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(), "x: contiguous f32 [B, K]");
-  TORCH_CHECK(q.dtype() == torch::kUInt8 && s.dtype() == torch::kHalf && m.dtype() == torch::kHalf, "int4 dtypes");
+  check_x(x);
+  check_int4(q, s, m, G, x.size(1));
   const int64_t B = x.size(0), K = x.size(1), N = q.size(0);
   const int64_t ng = (K + G - 1) / G;
-  TORCH_CHECK(q.size(1) * 2 == K && G % 32 == 0 && K % 32 == 0 && s.size(1) == ng, "int4 shapes");
   // the min terms, sum_g m[n, g] * sum_{k in g} x[b, k], are one small sgemm: y starts as it
   auto xsum = torch::constant_pad_nd(x, {0, ng * G - K}).view({B, ng, G}).sum(-1);  // [B, ng]
   auto y = torch::mm(xsum, m.to(torch::kFloat32).t()).contiguous();  // [B, N]
@@ -279,10 +306,9 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor q, torch::Tensor s, tor
 }
 
 torch::Tensor int8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor s, int64_t G) {
-  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(), "x: contiguous f32 [B, K]");
-  TORCH_CHECK(q.dtype() == torch::kInt8 && s.dtype() == torch::kHalf, "int8 dtypes");
+  check_x(x);
+  check_int8(q, s, G, x.size(1));
   const int64_t B = x.size(0), K = x.size(1), N = q.size(0);
-  TORCH_CHECK(q.size(1) == K && G % 32 == 0 && K % 32 == 0 && s.size(1) == (K + G - 1) / G, "int8 shapes");
   auto y = torch::empty({B, N}, x.options());
   const float* xp = x.data_ptr<float>();
   const int8_t* qp = q.data_ptr<int8_t>();
@@ -294,20 +320,18 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor s, int
 
 // Medium batches: the tiled kernels (semantics as int4_linear / int8_linear).
 torch::Tensor int4_linear_tiled(torch::Tensor x, torch::Tensor q, torch::Tensor s, torch::Tensor m, int64_t G) {
-  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(), "x: contiguous f32 [B, K]");
-  TORCH_CHECK(q.dtype() == torch::kUInt8 && s.dtype() == torch::kHalf && m.dtype() == torch::kHalf, "int4 dtypes");
+  check_x(x);
+  check_int4(q, s, m, G, x.size(1));
   const int64_t K = x.size(1), N = q.size(0);
-  TORCH_CHECK(q.size(1) * 2 == K && G % 32 == 0 && K % 32 == 0 && s.size(1) == (K + G - 1) / G, "int4 shapes");
   const uint8_t* qp = q.data_ptr<uint8_t>();
   const at::Half *sp = s.data_ptr<at::Half>(), *mp = m.data_ptr<at::Half>();
   return tiled_linear(x, N, [&](int64_t n0, int64_t nr, float* W) { int4_rows_f32(qp, sp, mp, K, G, n0, nr, W); });
 }
 
 torch::Tensor int8_linear_tiled(torch::Tensor x, torch::Tensor q, torch::Tensor s, int64_t G) {
-  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(), "x: contiguous f32 [B, K]");
-  TORCH_CHECK(q.dtype() == torch::kInt8 && s.dtype() == torch::kHalf, "int8 dtypes");
+  check_x(x);
+  check_int8(q, s, G, x.size(1));
   const int64_t K = x.size(1), N = q.size(0);
-  TORCH_CHECK(q.size(1) == K && G % 32 == 0 && K % 32 == 0 && s.size(1) == (K + G - 1) / G, "int8 shapes");
   const int8_t* qp = q.data_ptr<int8_t>();
   const at::Half* sp = s.data_ptr<at::Half>();
   return tiled_linear(x, N, [&](int64_t n0, int64_t nr, float* W) { int8_rows_f32(qp, sp, K, G, n0, nr, W); });
@@ -323,6 +347,8 @@ torch::Tensor dense_out(const torch::Tensor& out, int64_t N, int64_t K) {
 }
 
 torch::Tensor int4_dequantize(torch::Tensor q, torch::Tensor s, torch::Tensor m, int64_t G, torch::Tensor out) {
+  TORCH_CHECK(q.dim() == 2, "int4: q [N, K/2]");
+  check_int4(q, s, m, G, q.size(1) * 2);
   const int64_t N = q.size(0), K = q.size(1) * 2;
   auto w = dense_out(out, N, K);
   const uint8_t* qp = q.data_ptr<uint8_t>();
@@ -334,6 +360,8 @@ torch::Tensor int4_dequantize(torch::Tensor q, torch::Tensor s, torch::Tensor m,
 }
 
 torch::Tensor int8_dequantize(torch::Tensor q, torch::Tensor s, int64_t G, torch::Tensor out) {
+  TORCH_CHECK(q.dim() == 2, "int8: q [N, K]");
+  check_int8(q, s, G, q.size(1));
   const int64_t N = q.size(0), K = q.size(1);
   auto w = dense_out(out, N, K);
   const int8_t* qp = q.data_ptr<int8_t>();
