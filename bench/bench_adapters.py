@@ -6,7 +6,7 @@ against PEFT's mixed-batch `generate(adapter_names=...)` on the same prompts (le
 run in every round next to ours). Then adapter load latency: from disk (read + validate + convert)
 and from host memory (copy into pool pages after an eviction).
 
-    python bench/bench_adapters.py [--requests 32] [--new-tokens 32] [--skip-peft]
+    python bench/bench_adapters.py [--requests 32] [--new-tokens 32] [--skip-peft] [--max-num-batched-tokens N]
 """
 from __future__ import annotations
 
@@ -122,12 +122,14 @@ def main() -> None:
     ap.add_argument("--prompt-kinds", type=int, default=8,
                     help="also 8 prefix-tuning and 8 prompt-tuning adapters (16 virtual tokens); 0 = skip")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--max-num-batched-tokens", type=int, default=EngineConfig.max_num_batched_tokens,
+                    help="the engine's token budget per step (the server's default unless given)")
     ap.add_argument("--no-bf16-pool", dest="bf16_pool", action="store_false",
                     help="skip the row with the largest adapter count served from a bf16 pool")
     args = ap.parse_args()
 
-    engine = LLMEngine.from_config(EngineConfig(device=args.device, adapter_root=str(CACHE),
-                                                adapter_memory=2 << 30, max_num_seqs=64))
+    engine = LLMEngine.from_config(EngineConfig(device=args.device, adapter_root=str(CACHE), adapter_memory=2 << 30,
+                                                max_num_seqs=64, max_num_batched_tokens=args.max_num_batched_tokens))
     names = make_adapters(engine.model_config, max(args.distinct), args.rank)
     for n in names:
         engine.adapters.load(n)
@@ -136,7 +138,8 @@ def main() -> None:
     configs = [("base only", engine, None)] + [(f"{k} distinct", engine, names[:k]) for k in args.distinct]
     if args.bf16_pool:  # the same adapters in a second engine whose pool holds bf16 pages (--lora-dtype bfloat16)
         engine16 = LLMEngine.from_config(EngineConfig(device=args.device, adapter_root=str(CACHE), adapter_memory=1 << 30,
-                                                      max_num_seqs=64, lora_dtype="bfloat16"))
+                                                      max_num_seqs=64, lora_dtype="bfloat16",
+                                                      max_num_batched_tokens=args.max_num_batched_tokens))
         k = max(args.distinct)
         for n in names[:k]:
             engine16.adapters.load(n)
