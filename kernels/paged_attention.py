@@ -68,8 +68,10 @@ def ref_paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         s = slots[so:so + ctx].to(k_cache.device)
         kc = k_cache[s].transpose(0, 1).unsqueeze(0)  # [1, KVH, ctx, D]
         vc = v_cache[s].transpose(0, 1).unsqueeze(0)
-        mask = torch.arange(ctx, device=q.device)[None, :] <= (ctx - n + torch.arange(n, device=q.device))[:, None]
-        o = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=mask, scale=scale, enable_gqa=kvh != q.shape[1])
+        mask = None if ctx == n else (  # no cached prefix: plain causal (SDPA's fused kernels take it)
+            torch.arange(ctx, device=q.device)[None, :] <= (ctx - n + torch.arange(n, device=q.device))[:, None])
+        o = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=mask, is_causal=mask is None, scale=scale,
+                                           enable_gqa=kvh != q.shape[1])
         out[q0:q0 + n] = o[0].transpose(0, 1)
     return out
 

@@ -19,11 +19,12 @@ from kernels.paged_attention import pack_prefill_chunks, paged_decode, paged_pre
 
 @dataclass
 class PrefillChunk:
+    """Query i of the chunk sees context tokens 0 .. context_len - length + i (causal after the cached prefix)."""
+
     start: int  # offset of the chunk's first token in the step's token list
     length: int  # tokens in this chunk
     context_len: int  # tokens of the sequence in the cache after this chunk (cached prefix + chunk)
-    slots: torch.Tensor  # [context_len] int64 cache slots of the whole context, in order; query i of the chunk
-    # sees context tokens 0 .. context_len - length + i (causal after the cached prefix)
+    slots: torch.Tensor  # [context_len] int64 cache slots of the whole context, in order
 
 
 @dataclass
