@@ -10,16 +10,10 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cmath>
-#include <immintrin.h>
+#include "simd.h"  // Sleef_expf16_u10: null -> silu_mul unavailable, the caller keeps torch's
 
 // No a * b + c contracted into one fused multiply-add: each product is rounded as torch rounds it.
 #pragma GCC optimize("fp-contract=off")
-
-#if defined(__AVX512F__)
-// torch's AVX-512 Vectorized<float>::exp; weak: when a torch build does not export it, silu_mul is
-// reported unavailable and the caller keeps the torch expression.
-extern "C" __m512 Sleef_expf16_u10(__m512) __attribute__((weak));
-#endif
 
 namespace {
 

@@ -5,53 +5,19 @@
 // Each (query token, KV head) pair is one task that reads its context's keys and values in place (no
 // gathered copy, no padding to the longest context) for all the query heads sharing that KV head (GQA).
 // With AVX-512 and head size 64 or 128: scores for 16 keys at a time (dot products summed across lanes by
-// one transpose-and-add tree), a vectorized exp (Cephes polynomial, ~1 ulp), and the weighted values
-// accumulated in registers for up to 4 query heads; other head sizes take a plain loop.
+// one transpose-and-add tree), torch's vectorized exp (SLEEF), and the weighted values accumulated in
+// registers for up to 4 query heads; other head sizes (or no exported SLEEF exp) take a plain loop.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
-#include <immintrin.h>
 #include <algorithm>
 #include <cmath>
 #include <vector>
 
+#include "simd.h"
+
 namespace {
 
 #if defined(__AVX512F__)
-// Lane i of the result = the sum of v[i]'s 16 lanes (a transpose-and-add tree: 8 + 4 + 2 + 1 adds).
-inline __m512 reduce16(const __m512 v[16]) {
-  __m512 a[8], b[4], c[2];
-  for (int i = 0; i < 8; ++i)
-    a[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
-                         _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
-  for (int i = 0; i < 4; ++i)
-    b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x88),
-                         _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xDD));
-  for (int i = 0; i < 2; ++i)
-    c[i] = _mm512_add_ps(_mm512_unpacklo_ps(b[2 * i], b[2 * i + 1]), _mm512_unpackhi_ps(b[2 * i], b[2 * i + 1]));
-  const __m512 d = _mm512_add_ps(
-      _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(c[0]), _mm512_castps_pd(c[1]))),
-      _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(c[0]), _mm512_castps_pd(c[1]))));
-  return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), d);
-}
-
-// e^x for x <= 0 (softmax after the max is subtracted): x = n ln2 + r, |r| <= ln2 / 2, Cephes' degree-6
-// polynomial for e^r, times 2^n (scalef: underflows to 0 below ~-103 as expf does).
-inline __m512 exp512(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  return _mm512_scalef_ps(p, n);
-}
-
 // out[g] += sum_t p[g, t] v[t] for GC query heads g0 .. g0 + GC, accumulators in registers.
 template <int DV, int GC>
 void weighted_values(const float* vp, const int64_t* off, int64_t L, const float* p, int64_t Lp, int64_t g0,
@@ -105,7 +71,7 @@ void attend_avx(const float* qb, const float* kp, const float* vp, const int64_t
     const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
     __m512 sum = _mm512_setzero_ps();
     for (int64_t t0 = 0; t0 < Lp; t0 += 16) {
-      const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(pg + t0), m));  // -inf lanes: 0
+      const __m512 e = Sleef_expf16_u10(_mm512_sub_ps(_mm512_loadu_ps(pg + t0), m));  // -inf lanes: 0
       _mm512_storeu_ps(pg + t0, e);
       sum = _mm512_add_ps(sum, e);
     }
@@ -165,8 +131,10 @@ void attend_task(const float* qb, const float* kp, const float* vp, const int64_
 void attend(const float* qb, const float* kp, const float* vp, const int64_t* off, int64_t L, int64_t G, int64_t D,
             float sc, float* ob, std::vector<float>& p) {
 #if defined(__AVX512F__)
-  if (D == 64) return attend_avx<4>(qb, kp, vp, off, L, G, sc, ob, p);
-  if (D == 128) return attend_avx<8>(qb, kp, vp, off, L, G, sc, ob, p);
+  if (Sleef_expf16_u10 != nullptr) {
+    if (D == 64) return attend_avx<4>(qb, kp, vp, off, L, G, sc, ob, p);
+    if (D == 128) return attend_avx<8>(qb, kp, vp, off, L, G, sc, ob, p);
+  }
 #endif
   if (D == 64) return attend_task<64>(qb, kp, vp, off, L, G, D, sc, ob, p);
   if (D == 128) return attend_task<128>(qb, kp, vp, off, L, G, D, sc, ob, p);
