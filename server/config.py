@@ -37,8 +37,11 @@ class EngineConfig:
     max_lora_rank: int = 64
     lora_dtype: str = "auto"  # dtype of the adapter pool: auto = the model's dtype (bfloat16 halves its bytes)
     max_loras: int = 32  # distinct adapters in one batch
-    load_adapters_on_demand: bool = True
-    adapter_kv_fraction: float = 0.25  # share of the KV cache that prompt-learning adapters' prefixes may hold  # a Generate naming an unloaded id under adapter_root loads it
+    load_adapters_on_demand: bool = True  # a Generate naming an unloaded id under adapter_root loads it
+    adapter_kv_fraction: float = 0.25  # share of the KV cache that prompt-learning adapters' prefixes may hold
+    # prompt characters (a prompt, or all message contents together) accepted before tokenizing;
+    # None = 32 per token of context (no real prompt that fits the context is that long)
+    max_prompt_chars: int | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -60,6 +63,8 @@ class EngineConfig:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 < self.adapter_kv_fraction <= 1:
             problems.append(f"adapter_kv_fraction must be in (0, 1], got {self.adapter_kv_fraction}")
+        if self.max_prompt_chars is not None and self.max_prompt_chars < 1:
+            problems.append(f"max_prompt_chars must be >= 1, got {self.max_prompt_chars}")
         if self.max_model_len is not None and self.max_model_len < 2:
             problems.append(f"max_model_len must be >= 2, got {self.max_model_len}")
         if problems:

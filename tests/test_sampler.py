@@ -5,7 +5,8 @@ from transformers.generation.logits_process import (RepetitionPenaltyLogitsProce
                                                     TopKLogitsWarper, TopPLogitsWarper)
 
 from server.engine.request import SamplingParams
-from server.engine.sampler import Sampler, SamplingState, apply_repetition_penalty, top_k_top_p_filter
+from server.engine.sampler import (Sampler, SamplingState, apply_repetition_penalty, apply_temperature,
+                                   top_k_top_p_filter)
 
 V = 257
 
@@ -32,13 +33,15 @@ def test_filters_match_transformers(penalty, temp, top_k, top_p):
     logits = torch.randn(V, generator=g) * 3
     ids = torch.randint(0, V, (40,), generator=g).tolist()
     p = SamplingParams(temperature=temp, top_k=top_k, top_p=top_p, repetition_penalty=penalty)
-    ours = logits.clone()
-    apply_repetition_penalty(ours, ids, penalty)
-    ours = top_k_top_p_filter(ours / temp, top_k, top_p)
-    ref = _hf_process(logits, ids, p)
+    ours = apply_repetition_penalty(logits, ids, penalty)
+    ours = top_k_top_p_filter(apply_temperature(ours, temp), top_k, top_p)
+    ref = ref_shifted = _hf_process(logits, ids, p)
+    if temp != 1.0:  # ours is shifted by the row maximum before dividing: the same distribution
+        ref_shifted = ref - ref.max()
     assert torch.equal(torch.isinf(ours), torch.isinf(ref))
     finite = ~torch.isinf(ref)
-    torch.testing.assert_close(ours[finite], ref[finite], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ours[finite], ref_shifted[finite], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours.softmax(-1), ref.softmax(-1))
     assert finite.sum() >= 1
 
 
@@ -48,7 +51,9 @@ def test_greedy_is_argmax_after_penalty_and_logprobs():
     logits[0, 9] = 45.0
     states = [SamplingState.create(SamplingParams(repetition_penalty=2.0, logprobs=True), torch.device("cpu"))]
     states += [SamplingState.create(SamplingParams(), torch.device("cpu")) for _ in range(3)]
-    ids, lps = Sampler()(logits.clone(), states, [[7], [], [1, 2], []])
+    out = Sampler()(logits.clone(), states, [[7], [], [1, 2], []])
+    ids, lps = out.token_ids, out.logprobs
+    assert out.errors == {}
     assert ids[0] == 9
     assert ids[1:].tolist() == logits[1:].argmax(-1).tolist()
     penalised = logits.clone()
@@ -69,7 +74,7 @@ def test_seeded_sampling_is_independent_of_batch_composition():
         out = []
         for s in steps:
             batch = s[:1 + len(others)] if include_others else s[:1]
-            ids, _ = Sampler()(batch.clone(), states + others, [[]] * (1 + len(others)))
+            ids = Sampler()(batch.clone(), states + others, [[]] * (1 + len(others))).token_ids
             out.append(int(ids[0]))
         return out
 
@@ -77,7 +82,7 @@ def test_seeded_sampling_is_independent_of_batch_composition():
     assert alone == run(8, True) == run(3, True)
     other_seed = SamplingParams(temperature=0.9, top_p=0.95, top_k=40, seed=99)
     st = SamplingState.create(other_seed, torch.device("cpu"))
-    differs = [int(Sampler()(s[:1].clone(), [st], [[]])[0][0]) for s in steps]
+    differs = [int(Sampler()(s[:1].clone(), [st], [[]]).token_ids[0]) for s in steps]
     assert differs != alone
 
 
@@ -86,7 +91,36 @@ def test_sampled_distribution_follows_probabilities():
     st = SamplingState.create(SamplingParams(temperature=1.0, seed=5), torch.device("cpu"))
     counts = torch.zeros(8)
     for _ in range(3000):
-        counts[Sampler()(logits.clone(), [st], [[]])[0][0]] += 1
+        counts[Sampler()(logits.clone(), [st], [[]]).token_ids[0]] += 1
     freq = counts / counts.sum()
     assert abs(freq[0] - 0.5) < 0.04 and abs(freq[1] - 0.3) < 0.04 and abs(freq[2] - 0.2) < 0.04
     assert counts[3:].sum() == 0
+
+
+def test_penalty_on_inference_tensors_and_tiny_temperatures():
+    """Issue 16 items 1-2: logits made under inference_mode (as the model runner makes them) take a
+    repetition penalty; temperature 1e-45 (a float32 denormal) samples the argmax, never nan."""
+    with torch.inference_mode():
+        logits = torch.randn(3, V) * 5
+    states = [SamplingState.create(SamplingParams(repetition_penalty=1.1), torch.device("cpu")),
+              SamplingState.create(SamplingParams(temperature=1e-45, seed=1, repetition_penalty=1.1, logprobs=True),
+                                   torch.device("cpu")),
+              SamplingState.create(SamplingParams(temperature=1e-45, seed=2, top_p=0.5, top_k=3), torch.device("cpu"))]
+    out = Sampler()(logits, states, [[1, 2, 3], [4], []])
+    assert out.errors == {}
+    want = [apply_repetition_penalty(logits[0], [1, 2, 3], 1.1).argmax(), apply_repetition_penalty(
+        logits[1], [4], 1.1).argmax(), logits[2].argmax()]
+    assert out.token_ids.tolist() == [int(w) for w in want]
+    assert torch.isfinite(out.logprobs).all() and out.logprobs[1] == 0.0
+
+
+def test_a_non_finite_row_fails_alone():
+    logits = torch.randn(4, V)
+    logits[1, 5] = float("nan")
+    logits[2, :] = float("-inf")
+    states = [SamplingState.create(SamplingParams(temperature=t, seed=3), torch.device("cpu"))
+              for t in (0.0, 0.8, 0.0, 0.7)]
+    out = Sampler()(logits, states, [[], [], [], []])
+    assert sorted(out.errors) == [1, 2] and "non-finite" in out.errors[1]
+    assert int(out.token_ids[0]) == int(logits[0].argmax())
+    assert 0 <= int(out.token_ids[3]) < V

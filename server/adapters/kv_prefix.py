@@ -9,7 +9,9 @@ request (copy-on-write before the request's first token lands in it).
 
 Materialized prefixes count against a block budget; unused ones are freed least-recently-used first
 (and made again from the adapter in host memory when needed); those whose adapter was unloaded are
-freed once no request uses them.
+freed once no request uses them. An adapter whose prefix needs more blocks than the whole budget is
+refused when it is loaded (`refusal`, checked by the AdapterManager), so a prefix that is attached
+fits once the prefixes other requests are using are let go.
 """
 from __future__ import annotations
 
@@ -41,6 +43,18 @@ class KVPrefixStore:
         self.budget = budget_blocks
         self.prefixes: dict[tuple[str, int], _Prefix] = {}  # (adapter id, task) -> its blocks
         self.num_blocks = 0  # blocks held by materialized prefixes (read by the metrics thread)
+
+    def blocks_for(self, num_virtual_tokens: int) -> int:
+        return -(-num_virtual_tokens // self.blocks.block_size)
+
+    def refusal(self, num_virtual_tokens: int) -> str | None:
+        """Why a prefix of this many virtual tokens can never be held (None: it fits the budget)."""
+        need = self.blocks_for(num_virtual_tokens)
+        if need <= self.budget:
+            return None
+        return (f"needs {need} KV blocks for its {num_virtual_tokens} virtual tokens but --adapter-kv-fraction "
+                f"allows {self.budget} of the {self.blocks.allocator.num_blocks}-block cache: raise "
+                "--adapter-kv-fraction or --kv-cache-memory")
 
     def attach(self, seq: Sequence, adapter: PromptAdapter, task: int) -> bool:
         """Start seq's block table with the adapter's prefix (materializing it). False: no room now."""
@@ -85,10 +99,21 @@ class KVPrefixStore:
         for key in [k for k, p in self.prefixes.items() if p.users == 0 and current(k[0]) is not p.source]:
             self._free(key)
 
+    def reclaim(self, need: int) -> None:
+        """The cache is short: free idle prefixes (least recently used first) until `need` blocks are free.
+        They are made again from the adapter in host memory when a request needs them."""
+        while not self.blocks.can_allocate(need):
+            idle = [k for k, p in self.prefixes.items() if p.users == 0]
+            if not idle:
+                return
+            self._free(min(idle, key=lambda k: self.prefixes[k].last_used))
+
     def _materialize(self, key: tuple[str, int], adapter: PromptAdapter, task: int) -> _Prefix | None:
         bs = self.blocks.block_size
         n = adapter.num_virtual_tokens
-        need = -(-n // bs)
+        need = self.blocks_for(n)
+        if need > self.budget:  # refused at load (refusal); never free other prefixes for it
+            return None
         while self.num_blocks + need > self.budget or not self.blocks.can_allocate(need):
             idle = [k for k, p in self.prefixes.items() if p.users == 0]
             if not idle:

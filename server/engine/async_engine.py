@@ -11,6 +11,7 @@ import logging
 import queue
 import threading
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator
@@ -52,6 +53,8 @@ class AsyncEngine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        # tokenizing and chat templating (the tokenizer releases the GIL while it encodes)
+        self._prep_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tessera-tokenize")
 
     @classmethod
     def from_config(cls, cfg: EngineConfig) -> "AsyncEngine":
@@ -100,6 +103,7 @@ class AsyncEngine:
         self._wake.set()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
+        self._prep_pool.shutdown(wait=False, cancel_futures=True)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:
         if self._stopping or self._loop is None:
@@ -110,7 +114,7 @@ class AsyncEngine:
             if not self.engine.cfg.load_adapters_on_demand:
                 raise AdapterNotFoundError(f"adapter {request.adapter_id!r} is not loaded (on-demand loading is off)")
             await asyncio.to_thread(self.engine.adapters.load, request.adapter_id)  # other requests keep running
-        seq = self.engine.make_sequence(request)
+        seq = await self._prepare(request)
         if seq.request_id in self._streams:
             self.engine.discard(seq)
             raise InvalidRequestError(f"request_id {seq.request_id!r} is already running")
@@ -132,6 +136,15 @@ class AsyncEngine:
             self._streams.pop(seq.request_id, None)
             if not finished:
                 self.abort(seq.request_id)
+
+    async def _prepare(self, request: GenerateRequest):
+        """Tokenize and validate in a worker thread (chat templates and long prompts stay off the event loop)."""
+        fut = self._loop.run_in_executor(self._prep_pool, self.engine.make_sequence, request)
+        try:
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:  # the caller left: give back what the sequence took once it exists
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception() or self.engine.discard(f.result()))
+            raise
 
     # -- adapters (admin) ---------------------------------------------------------------------
     async def load_adapter(self, adapter_id: str, path: str | None = None) -> dict:
@@ -155,9 +168,9 @@ class AsyncEngine:
             if self.engine.has_work():
                 try:
                     outputs += self.engine.step()
-                except Exception as exc:  # keep serving: fail the batch, free its blocks
+                except Exception as exc:  # outside any sequence's work (the scheduler): fail the running batch
                     log.exception("engine step failed")
-                    outputs += self.engine.fail_all(f"internal error: {exc}")
+                    outputs += self.engine.fail_running(f"internal error in the engine step: {exc}")
             else:
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()

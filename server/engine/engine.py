@@ -20,7 +20,7 @@ from server.engine.errors import InvalidRequestError
 from server.engine.model_runner import ModelRunner
 from server.engine.request import FinishReason, GenerateRequest, RequestOutput, RequestStats
 from server.engine.sampler import Sampler, SamplingState
-from server.engine.scheduler import Scheduler
+from server.engine.scheduler import ScheduledBatch, Scheduler
 from server.engine.sequence import Sequence, SequenceStatus
 from server.adapters.kv_prefix import KVPrefixStore
 from server.engine.stop import StopStringMatcher
@@ -38,6 +38,7 @@ class LLMEngine:
         self.device, self.dtype = cfg.torch_device, cfg.torch_dtype
         mc = loaded.config
         self.max_model_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        self.max_prompt_chars = cfg.max_prompt_chars or 32 * self.max_model_len
         t0 = time.monotonic()
         self.model = LlamaModel.from_loaded(loaded, self.dtype, self.device, cfg.quantize, cfg.quant_group_size)
         self.quantization = self._describe_quantization()
@@ -55,8 +56,9 @@ class LLMEngine:
         self.blocks = BlockManager(num_blocks, cfg.block_size)
         # prompt-learning adapters: shared KV prefixes, at most this share of the KV cache
         self.prefixes = KVPrefixStore(self.blocks, self.runner, mc, int(num_blocks * cfg.adapter_kv_fraction))
+        self.adapters.prompt_kv_refusal = self.prefixes.refusal  # a prefix over the budget is refused at load
         self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens,
-                                   self._adapter_gate, self._adapter_release)
+                                   self._adapter_gate, self._adapter_release, self.prefixes.reclaim)
         self.sampler = Sampler()
         self.eos_ids = set(mc.eos_token_ids)
         self.requests: dict[str, Sequence] = {}
@@ -85,10 +87,19 @@ class LLMEngine:
             if bad:
                 raise InvalidRequestError(f"prompt_token_ids out of range [0, {self.model_config.vocab_size}): {bad[:5]}")
             return list(request.prompt_token_ids)
+        chars = len(request.prompt) if request.prompt is not None else sum(
+            len(m["content"]) + len(m["role"]) for m in request.messages)
+        if chars > self.max_prompt_chars:
+            field = "prompt" if request.prompt is not None else "messages"
+            raise InvalidRequestError(f"{field} has {chars} characters; at most {self.max_prompt_chars} are accepted "
+                                      f"(--max-prompt-chars; the context is {self.max_model_len} tokens)")
         if request.messages is not None:
             if not self.tokenizer.chat_template:
                 raise InvalidRequestError("this model has no chat template: send a raw prompt instead of messages")
-            text = self.tokenizer.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True)
+            try:
+                text = self.tokenizer.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True)
+            except Exception as exc:  # jinja raises for conversations a template refuses (roles, order)
+                raise InvalidRequestError(f"messages: the model's chat template refused them: {exc}") from None
             return self.tokenizer(text, add_special_tokens=False).input_ids
         return self.tokenizer(request.prompt).input_ids
 
@@ -102,11 +113,6 @@ class LLMEngine:
             raise InvalidRequestError(
                 f"prompt ({len(ids)} tokens) + max_new_tokens ({p.max_new_tokens}) exceeds the context of "
                 f"{self.max_model_len} tokens")
-        need = -(-(len(ids) + p.max_new_tokens) // self.cfg.block_size)
-        if need > self.blocks.allocator.num_blocks:
-            raise InvalidRequestError(
-                f"prompt + max_new_tokens needs {need} KV blocks but the cache has "
-                f"{self.blocks.allocator.num_blocks}: shorten the request or raise --kv-cache-memory")
         seq = Sequence(request.request_id or uuid.uuid4().hex, ids, p, adapter_id=request.adapter_id or None)
         if request.task_id is not None and not seq.adapter_id:
             raise InvalidRequestError("task_id needs an adapter_id (a multitask prompt tuning adapter)")
@@ -114,9 +120,18 @@ class LLMEngine:
             self.adapters.acquire(seq.adapter_id)  # raises AdapterNotFoundError; released in _finish
             try:
                 self._place_after_prefix(seq, request, len(ids) + p.max_new_tokens)
-            except InvalidRequestError:
+            except Exception:
                 self.discard(seq)
                 raise
+        # progress: the whole request (its adapter's virtual tokens too) must fit in the cache at once
+        need = -(-(seq.prefix_len + len(ids) + p.max_new_tokens) // self.cfg.block_size)
+        if need > self.blocks.allocator.num_blocks:
+            self.discard(seq)
+            virtual = f" + {seq.prefix_len} virtual tokens" if seq.prefix_len else ""
+            raise InvalidRequestError(
+                f"prompt ({len(ids)} tokens) + max_new_tokens ({p.max_new_tokens}){virtual} needs {need} KV blocks "
+                f"but the cache has {self.blocks.allocator.num_blocks}: lower max_new_tokens, shorten the prompt or "
+                "raise --kv-cache-memory")
         seq.sampling_state = SamplingState.create(p, self.device)
         seq.detokenizer = IncrementalDetokenizer(self.tokenizer, ids)
         seq.stop_matcher = StopStringMatcher(p.stop)
@@ -186,39 +201,86 @@ class LLMEngine:
             return None
         return self._finish(seq, FinishReason.CANCELLED, "", False, [])
 
+    def fail(self, seq: Sequence, message: str) -> RequestOutput:
+        """End one request with ERROR (and the reason), freeing what it holds."""
+        seq.error = message
+        return self._finish(seq, FinishReason.ERROR, "", False, [])
+
     def fail_all(self, message: str) -> list[RequestOutput]:
-        """After an internal error: end every live request with ERROR and free everything."""
-        outs = []
-        for seq in list(self.requests.values()):
-            seq.error = message
-            outs.append(self._finish(seq, FinishReason.ERROR, "", False, []))
-        return outs
+        """At shutdown: end every live request with ERROR and free everything."""
+        return [self.fail(seq, message) for seq in list(self.requests.values())]
+
+    def fail_running(self, message: str) -> list[RequestOutput]:
+        """After a failure outside any one sequence's work: end the running batch, keep the queue."""
+        running = list(self.scheduler.running)
+        log.error("failing the %d running requests %s: %s", len(running), [s.request_id for s in running], message)
+        return [self.fail(seq, message) for seq in running]
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
     # -- the step ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """One engine step. A problem of one sequence fails that sequence alone; a failure of the
+        forward pass (not attributable to one sequence) fails this step's sequences, nothing else."""
         self.prefixes.collect(self._loaded_adapter)
         batch = self.scheduler.schedule()
+        outputs = [self.fail(seq, msg) for seq, msg in batch.failed]
         if not batch.seqs:
-            return []
-        seqs, logits = self.runner.execute(batch)
+            return outputs
+        seqs, logits, failed = self._execute(batch)
+        outputs += [self.fail(seq, msg) for seq, msg in failed]
         for seq, n in zip(batch.seqs, batch.num_tokens):
-            seq.num_computed += n
+            if not seq.finished:
+                seq.num_computed += n
         if not seqs:
-            return []
-        next_ids, logprobs = self.sampler(logits, [s.sampling_state for s in seqs], [s.token_ids for s in seqs])
+            return outputs
+        try:
+            sampled = self.sampler(logits, [s.sampling_state for s in seqs], [s.token_ids for s in seqs])
+        except Exception as exc:
+            log.exception("the sampler failed for requests %s", [s.request_id for s in seqs])
+            return outputs + [self.fail(s, f"internal error in the sampler: {type(exc).__name__}: {exc}")
+                              for s in seqs]
         now = time.monotonic()
-        outputs = []
         for i, seq in enumerate(seqs):
-            token = int(next_ids[i])
-            seq.token_ids.append(token)
-            if seq.first_token_time is None:
-                seq.first_token_time = now
-            lp = [float(logprobs[i])] if (logprobs is not None and seq.params.logprobs) else None
-            outputs.append(self._after_token(seq, token, lp))
+            if i in sampled.errors:
+                outputs.append(self.fail(seq, sampled.errors[i]))
+                continue
+            try:
+                token = int(sampled.token_ids[i])
+                seq.token_ids.append(token)
+                if seq.first_token_time is None:
+                    seq.first_token_time = now
+                lp = [float(sampled.logprobs[i])] if (sampled.logprobs is not None and seq.params.logprobs) else None
+                outputs.append(self._after_token(seq, token, lp))
+            except Exception as exc:  # stop checks, detokenizing: this sequence's own work
+                log.exception("request %s failed after its token", seq.request_id)
+                outputs.append(self.fail(seq, f"internal error after sampling: {type(exc).__name__}: {exc}"))
         return outputs
+
+    def _execute(self, batch: ScheduledBatch):
+        """Run the forward pass. If it raises, run each half of the batch again (the same tokens into the
+        same cache slots) until the sequences that fail alone are found: only those fail.
+        -> (sequences that sample, their logits, [(failed sequence, message)])."""
+        try:
+            seqs, logits = self.runner.execute(batch)
+            return seqs, logits, []
+        except Exception as exc:
+            ids = [s.request_id for s in batch.seqs]
+            if len(batch.seqs) == 1:
+                log.exception("the model step failed for request %s", ids[0])
+                return [], None, [(batch.seqs[0], f"internal error in the model step: {type(exc).__name__}: {exc}")]
+            log.warning("the model step failed for requests %s (%s: %s): retrying in halves to find the cause",
+                        ids, type(exc).__name__, exc)
+        half = len(batch.seqs) // 2
+        seqs, logits, failed = [], [], []
+        for part in (slice(0, half), slice(half, None)):
+            s, lg, f = self._execute(ScheduledBatch(batch.seqs[part], batch.num_tokens[part]))
+            seqs += s
+            failed += f
+            if s:
+                logits.append(lg)
+        return seqs, (torch.cat(logits) if logits else None), failed
 
     def _after_token(self, seq: Sequence, token: int, logprobs: list[float] | None) -> RequestOutput:
         p = seq.params

@@ -4,15 +4,23 @@ Processing order follows transformers' `generate`: repetition penalty -> tempera
 then greedy argmax or a draw. Greedy rows share one batched argmax. Sampled rows draw from their own
 `torch.Generator`, so a seeded request produces the same tokens whatever else shares its batch.
 Logprobs (when asked) are log-softmax of the logits after penalty and temperature, before the filters.
+
+Fault isolation: a row whose logits are not finite, or whose own processing fails, gets an error in
+`SamplerOutput.errors` and every other row is sampled as usual; the batch never fails for one row.
+Temperature divides logits shifted by their row maximum, so any positive temperature (down to the
+smallest float) gives a finite distribution.
 """
 from __future__ import annotations
 
+import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from server.engine.request import SamplingParams
+
+log = logging.getLogger("tessera.engine")
 
 
 @dataclass
@@ -29,13 +37,27 @@ class SamplingState:
         return cls(params, g)
 
 
-def apply_repetition_penalty(logits: torch.Tensor, token_ids: list[int], penalty: float) -> None:
-    """In place on one row, HF semantics: seen tokens' positive logits / penalty, negative * penalty."""
+@dataclass
+class SamplerOutput:
+    token_ids: torch.Tensor  # [B] int64 on the CPU (rows in `errors`: meaningless)
+    logprobs: torch.Tensor | None  # [B] fp32 on the CPU, when any row asked
+    errors: dict[int, str] = field(default_factory=dict)  # row -> why that row could not be sampled
+
+
+def apply_repetition_penalty(logits: torch.Tensor, token_ids: list[int], penalty: float) -> torch.Tensor:
+    """One row [V] -> a new row, HF semantics: seen tokens' positive logits / penalty, negative * penalty."""
     if penalty == 1.0 or not token_ids:
-        return
+        return logits
     ids = torch.tensor(sorted(set(token_ids)), device=logits.device)
     seen = logits.index_select(0, ids)
-    logits.index_copy_(0, ids, torch.where(seen < 0, seen * penalty, seen / penalty))
+    return logits.index_copy(0, ids, torch.where(seen < 0, seen * penalty, seen / penalty))
+
+
+def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """One row [V] / temperature, shifted so its maximum is 0 (same softmax; finite for any t > 0)."""
+    if temperature == 1.0:
+        return logits
+    return (logits - logits.max()) / temperature
 
 
 def top_k_top_p_filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -53,23 +75,44 @@ def top_k_top_p_filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
 
 
 class Sampler:
+    @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, states: list[SamplingState],
-                 token_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """logits [B, V] fp32 -> (next token ids [B] on the CPU, logprobs of those tokens [B] or None)."""
+                 token_ids: list[list[int]]) -> SamplerOutput:
+        """logits [B, V] -> the next token of every row, their logprobs, and the rows that failed."""
         logits = logits.float()
+        errors: dict[int, str] = {}
+        bad = (~torch.isfinite(logits).all(dim=-1)).nonzero().flatten().tolist()
+        for i in bad:
+            errors[i] = "the model produced non-finite logits for this sequence"
+        rows: dict[int, torch.Tensor] = {}  # processed rows that differ from the raw logits
         for i, st in enumerate(states):
-            apply_repetition_penalty(logits[i], token_ids[i], st.params.repetition_penalty)
-        temps = [st.params.temperature if not st.params.greedy else 1.0 for st in states]
-        if any(t != 1.0 for t in temps):
-            logits = logits / torch.tensor(temps, device=logits.device, dtype=logits.dtype).unsqueeze(1)
+            p = st.params
+            if i in errors or (p.repetition_penalty == 1.0 and (p.greedy or p.temperature == 1.0)):
+                continue
+            try:
+                row = apply_repetition_penalty(logits[i], token_ids[i], p.repetition_penalty)
+                rows[i] = row if p.greedy else apply_temperature(row, p.temperature)
+            except Exception as exc:  # this row's settings only: the others go on
+                errors[i] = _row_error(i, "penalty/temperature", exc)
+        if rows:
+            logits = logits.clone()
+            for i, row in rows.items():
+                logits[i] = row
         next_ids = logits.argmax(dim=-1)
         for i, st in enumerate(states):
-            if st.generator is None:
+            if st.generator is None or i in errors:
                 continue
-            row = top_k_top_p_filter(logits[i], st.params.top_k, st.params.top_p)
-            probs = row.softmax(-1)
-            next_ids[i] = torch.multinomial(probs, 1, generator=st.generator)[0]
+            try:
+                row = top_k_top_p_filter(logits[i], st.params.top_k, st.params.top_p)
+                next_ids[i] = torch.multinomial(row.softmax(-1), 1, generator=st.generator)[0]
+            except Exception as exc:
+                errors[i] = _row_error(i, "sampling", exc)
         logprobs = None
         if any(st.params.logprobs for st in states):
             logprobs = logits.log_softmax(-1).gather(1, next_ids.unsqueeze(1)).squeeze(1).cpu()
-        return next_ids.cpu(), logprobs
+        return SamplerOutput(next_ids.cpu(), logprobs, errors)
+
+
+def _row_error(row: int, stage: str, exc: Exception) -> str:
+    log.exception("sampler: row %d failed in %s", row, stage)
+    return f"internal error while sampling this sequence ({stage}: {type(exc).__name__}: {exc})"

@@ -2,7 +2,12 @@
 
 Every step has a token budget. Running sequences that decode (one token) go first, then running
 sequences still prefilling (in chunks), then waiting ones in arrival order. When KV blocks run
-out, the youngest running sequence is preempted: its blocks are freed and it is recomputed later.
+out, idle cached blocks (unused shared prefixes) are reclaimed first, then the youngest running
+sequence is preempted: its blocks are freed and it is recomputed later.
+
+Progress: admission (LLMEngine.make_sequence) refuses a request that needs more blocks than the cache
+has, so the oldest running sequence can always grow (everything else can be reclaimed or preempted),
+and a request waiting alone is admitted without the growth watermark.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ class ScheduledBatch:
     seqs: list[Sequence] = field(default_factory=list)  # single-token steps first, then prefill chunks
     num_tokens: list[int] = field(default_factory=list)  # tokens each sequence runs this step
     preempted: list[Sequence] = field(default_factory=list)
+    failed: list[tuple[Sequence, str]] = field(default_factory=list)  # taken off the queue: why they cannot run
 
     @property
     def num_decodes(self) -> int:
@@ -39,11 +45,14 @@ class ScheduledBatch:
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
                  adapter_gate: Callable[[Sequence, list[Sequence]], bool] | None = None,
-                 adapter_release: Callable[[Sequence], None] | None = None):
+                 adapter_release: Callable[[Sequence], None] | None = None,
+                 reclaim: Callable[[int], None] | None = None):
         self.blocks = block_manager
         # adapter_gate(seq, running): make seq's adapter resident and pin it, or say it cannot run now.
         self.adapter_gate = adapter_gate or (lambda seq, running: True)
         self.adapter_release = adapter_release or (lambda seq: None)
+        # reclaim(n): free idle cached blocks (unused shared prefixes) until n blocks are free, if it can
+        self.reclaim = reclaim or (lambda n: None)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -88,14 +97,22 @@ class Scheduler:
         # Waiting sequences in arrival order (preempted ones were put back in front). One whose adapter
         # cannot be resident now (pool full of pinned adapters) lets later ones go first.
         blocked: list[Sequence] = []
+        failed: list[tuple[Sequence, str]] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             seq = self.waiting[0]
-            if not self.adapter_gate(seq, self.running):
+            try:
+                ready = self.adapter_gate(seq, self.running)
+            except Exception as exc:  # this request's adapter only: it fails, the queue goes on
+                self.waiting.popleft()
+                failed.append((seq, f"its adapter could not be made ready: {type(exc).__name__}: {exc}"))
+                continue
+            if not ready:
                 blocked.append(self.waiting.popleft())
                 continue
             n = min(seq.num_uncomputed, budget)
             need = self.blocks.blocks_needed(seq, n)
-            if not self.blocks.can_allocate(need + self._watermark):
+            # the watermark keeps room for running sequences to grow; with none running it only starves
+            if not self._can_allocate(need + (self._watermark if self.running else 0)):
                 self.adapter_release(seq)
                 break
             self.waiting.popleft()
@@ -108,7 +125,7 @@ class Scheduler:
             picked.append((seq, n))
 
         self.waiting.extendleft(reversed(blocked))
-        batch = ScheduledBatch(preempted=preempted)
+        batch = ScheduledBatch(preempted=preempted, failed=failed)
         # A sequence preempted after it was picked (to make room for an older one) sits out.
         picked = [(s, n) for s, n in picked if s.status is SequenceStatus.RUNNING]
         # decodes first (attention splits there); within each part, one adapter's tokens stay together
@@ -120,7 +137,7 @@ class Scheduler:
     def _reserve(self, seq: Sequence, n: int, preempted: list[Sequence]) -> bool:
         """Grow seq's table for n tokens, preempting the youngest running sequences if needed."""
         need = self.blocks.blocks_needed(seq, n)
-        while not self.blocks.can_allocate(need):
+        while not self._can_allocate(need):
             victim = self.running[-1]
             self._preempt(victim)
             preempted.append(victim)
@@ -128,6 +145,12 @@ class Scheduler:
                 return False
         self.blocks.grow(seq, n)
         return True
+
+    def _can_allocate(self, num_blocks: int) -> bool:
+        if self.blocks.can_allocate(num_blocks):
+            return True
+        self.reclaim(num_blocks)
+        return self.blocks.can_allocate(num_blocks)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
