@@ -1,6 +1,7 @@
 """GGUF metadata -> ModelConfig (llama.cpp key names, mapped as transformers' GGUF integration maps them)."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +74,7 @@ def config_from_gguf(reader: GGUFReader, path: Path) -> ModelConfig:
             eos_token_ids=list(dict.fromkeys(t for t in eos if t is not None)),
             pad_token_id=field(reader, "tokenizer.ggml.padding_token_id", None),
             dtype="float32",  # every tensor is dequantized to fp32
-            name=field(reader, "general.name", None) or path.stem,
+            name=model_name(path),
         )
     except ValueError as e:
         raise ModelLoadError(f"{path}: {e}") from e
@@ -97,3 +98,12 @@ def _rope_scaling(key, context: int, path: Path) -> dict | None:
                 scaling[hf_key] = float(value)
         return scaling
     raise ModelLoadError(f"{path}: rope scaling type {kind!r} is not supported (supported: none, linear, yarn)")
+
+
+_QUANT_SUFFIX = re.compile(r"[.-](?:I?Q\d\w*|F16|F32|BF16)$", re.IGNORECASE)
+
+
+def model_name(path: Path) -> str:
+    """The file's name without its quantization tag: SmolLM2-135M-Instruct.Q4_1.gguf -> SmolLM2-135M-Instruct.
+    (general.name is often the training run's label, e.g. "Smollm2 135M 8k Lc100K Mix1 Ep2".)"""
+    return _QUANT_SUFFIX.sub("", path.stem) or path.stem

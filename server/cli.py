@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "for the running decodes, larger = better batching of prompts")
     e.add_argument("--max-queue", type=int, default=256,
                    help="waiting requests; more are refused with RESOURCE_EXHAUSTED")
+    e.add_argument("--max-prompt-chars", type=int, default=None,
+                   help="longest prompt accepted, in characters (all message contents together for chat); "
+                   "longer ones get INVALID_ARGUMENT before tokenizing (default: 32 x the context length)")
     e.add_argument("--default-max-new-tokens", type=int, default=256,
                    help="max_new_tokens for requests that send 0")
 
@@ -103,6 +106,9 @@ def configs(args: argparse.Namespace):
         raise SystemExit("--tls-cert and --tls-key go together")
     if args.tls_client_ca is not None and args.tls_cert is None:
         raise SystemExit("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+    if args.model is not None and not Path(args.model).expanduser().exists():
+        raise SystemExit(f"--model {args.model}: no such file or directory (a Hugging Face model directory or a "
+                         ".gguf file)")
     for f in (args.tls_cert, args.tls_key, args.tls_client_ca):
         if f is not None and not f.is_file():
             raise SystemExit(f"{f}: no such file")
@@ -110,7 +116,8 @@ def configs(args: argparse.Namespace):
                           quant_group_size=args.quant_group_size, kv_cache_memory=args.kv_cache_memory,
                           block_size=args.block_size, max_num_seqs=args.max_num_seqs,
                           max_num_batched_tokens=args.max_num_batched_tokens, max_queue=args.max_queue,
-                          max_model_len=args.max_model_len, default_max_new_tokens=args.default_max_new_tokens,
+                          max_model_len=args.max_model_len, max_prompt_chars=args.max_prompt_chars,
+                          default_max_new_tokens=args.default_max_new_tokens,
                           adapter_root=str(args.adapter_root) if args.adapter_root else None,
                           adapter_memory=args.adapter_memory, adapter_host_memory=args.adapter_host_memory,
                           max_lora_rank=args.max_lora_rank, max_loras=args.max_loras, lora_dtype=args.lora_dtype,

@@ -51,14 +51,19 @@ def main(argv: list[str] | None = None) -> int:
         channel = grpc.insecure_channel(args.target)
     stub = pb_grpc.InferenceStub(channel)
     last = None
+    call = stub.Generate(req, metadata=metadata, timeout=args.timeout)
     try:
-        for msg in stub.Generate(req, metadata=metadata, timeout=args.timeout):
+        for msg in call:
             if args.stream:
                 print(msg.text, end="", flush=True)
             last = msg if last is None else _merge(last, msg)
     except grpc.RpcError as err:
         print(f"\nerror: {err.code().name}: {err.details()}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: cancel the stream (the server frees its KV blocks), no traceback
+        call.cancel()
+        print("\n[cancelled]", file=sys.stderr)
+        return 130
     if not args.stream:
         print(last.text if last else "", end="")
     print()

@@ -38,6 +38,8 @@ class _EngineCollector:
 
     def collect(self):
         s = self.read()
+        if s is None:  # the model is still loading
+            return
         for prefix in ("tessera_", "vllm:"):
             yield GaugeMetricFamily(f"{prefix}num_requests_running", "Requests in the running batch.",
                                     value=s["num_running"])
@@ -88,7 +90,8 @@ class Metrics:
         self.requests = Counter("tessera_requests", "Finished requests by finish reason.", ["finish_reason"],
                                 registry=r)
         self.prompt_tokens = Counter("tessera_prompt_tokens", "Prompt tokens of finished requests.", registry=r)
-        self.generation_tokens = Counter("tessera_generation_tokens", "Generated tokens.", registry=r)
+        self.generation_tokens = Counter("tessera_generation_tokens", "Generated tokens streamed (cancelled "
+                                         "requests' too).", registry=r)
         self.rejected = Counter("tessera_requests_rejected", "Requests refused before admission, by gRPC code.",
                                 ["code"], registry=r)
         self.ttft = Histogram("tessera_time_to_first_token_seconds", "Arrival to first token.",
@@ -123,8 +126,7 @@ class Metrics:
         if out.stats is None:
             return
         st = out.stats
-        self.prompt_tokens.inc(st.prompt_tokens)
-        self.generation_tokens.inc(st.generated_tokens)
+        self.prompt_tokens.inc(st.prompt_tokens)  # generation tokens are counted as they stream
         if st.generated_tokens:
             self.ttft.observe(st.time_to_first_token_s)
         self.e2e.observe(st.e2e_latency_s)

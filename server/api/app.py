@@ -1,8 +1,9 @@
 """The server process: engine + gRPC (Inference, health, reflection) + /metrics, and a graceful drain.
 
-Lifecycle: load the model -> start the engine thread -> serve -> on SIGTERM/SIGINT: health
-NOT_SERVING, new calls UNAVAILABLE, running streams get --shutdown-grace seconds to finish ->
-stop -> exit 0.
+Lifecycle: bind the gRPC and metrics ports (a port in use exits at once, before the model loads)
+-> load the model -> warm up (a base and an adapter request) -> start the engine thread -> serve and
+report SERVING -> on SIGTERM/SIGINT: health NOT_SERVING, new calls UNAVAILABLE, running streams get
+--shutdown-grace seconds to finish -> stop -> exit 0.
 """
 from __future__ import annotations
 
@@ -16,12 +17,15 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from kernels import cpu_ext
 from proto import tessera_pb2 as pb
-from proto import tessera_pb2_grpc as pb_grpc
 from server.api.auth import Auth
 from server.api.service import InferenceService
+from server.api.wire import add_inference_service
 from server.config import EngineConfig
 from server.engine.async_engine import AsyncEngine
+from server.engine.warmup import warm_up
+from loader.errors import ModelLoadError
 from server.metrics import Metrics
 
 log = logging.getLogger("tessera.server")
@@ -52,35 +56,64 @@ def _credentials(cfg: ServerConfig) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
 
 
-def _engine_gauges(engine: AsyncEngine) -> dict:
+def _engine_gauges(engine: AsyncEngine | None) -> dict | None:
+    if engine is None:  # still loading: only the counters
+        return None
     s = engine.stats()
     return {**vars(s), "weight_bytes": engine.engine.weight_bytes, "max_loras": engine.engine.cfg.max_loras}
 
 
-async def serve(engine_cfg: EngineConfig, cfg: ServerConfig) -> None:
-    engine = await asyncio.to_thread(AsyncEngine.from_config, engine_cfg)
-    await engine.start()
-    metrics = Metrics(lambda: _engine_gauges(engine))
-    engine.engine.adapters.observer = metrics
-    service = InferenceService(engine, cfg.auth, metrics, engine_cfg.default_max_new_tokens)
+def _bind(server: grpc.aio.Server, address: str, creds) -> int:
+    try:
+        port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
+    except RuntimeError:  # grpc >= 1.6x raises "Failed to bind" instead of returning 0
+        port = 0
+    if port == 0:
+        raise SystemExit(f"cannot listen on {address}: port {address.rsplit(':', 1)[-1]} is in use "
+                         "(or the address is not local); pick another with --port / --host")
+    return port
 
+
+def _load_engine(engine_cfg: EngineConfig) -> AsyncEngine:
+    engine = AsyncEngine.from_config(engine_cfg)
+    warm_up(engine.engine)
+    return engine
+
+
+async def serve(engine_cfg: EngineConfig, cfg: ServerConfig) -> None:
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", cfg.max_message_bytes),
                                       ("grpc.max_send_message_length", cfg.max_message_bytes),
                                       ("grpc.so_reuseport", 0)],
                              maximum_concurrent_rpcs=cfg.max_concurrent_rpcs)
-    pb_grpc.add_InferenceServicer_to_server(service, server)
+    address = f"{cfg.host}:{cfg.port}"
+    creds = _credentials(cfg)
+    port = _bind(server, address, creds)  # before the model loads: a taken port fails in a second
+    holder: list[AsyncEngine] = []
+    metrics = Metrics(lambda: _engine_gauges(holder[0] if holder else None))
+    if cfg.metrics_port is not None:
+        mhost = cfg.metrics_host or cfg.host
+        try:
+            mport = metrics.serve(mhost, cfg.metrics_port)
+        except OSError as exc:
+            raise SystemExit(f"cannot serve metrics on {mhost}:{cfg.metrics_port}: {exc.strerror or exc} "
+                             "(pick another --metrics-port, or -1 to disable)") from None
+        log.info("metrics on http://%s:%d/metrics", mhost, mport)
+
+    try:
+        engine = await asyncio.to_thread(_load_engine, engine_cfg)
+    except ModelLoadError as exc:
+        metrics.close()
+        raise SystemExit(f"cannot load the model: {exc}") from None
+    cpu_ext.log_status()
+    holder.append(engine)
+    await engine.start()
+    engine.engine.adapters.observer = metrics
+    service = InferenceService(engine, cfg.auth, metrics, engine_cfg.default_max_new_tokens)
+    add_inference_service(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    address = f"{cfg.host}:{cfg.port}"
-    creds = _credentials(cfg)
-    port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
-    if port == 0:
-        raise SystemExit(f"cannot listen on {address}: the port is taken or the address is not local")
     await server.start()
-    if cfg.metrics_port is not None:
-        mport = metrics.serve(cfg.metrics_host or cfg.host, cfg.metrics_port)
-        log.info("metrics on http://%s:%d/metrics", cfg.metrics_host or cfg.host, mport)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("serving %s on %s:%d (%s)", engine.model_config.name, cfg.host, port, "TLS" if creds else "plaintext")

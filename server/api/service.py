@@ -17,6 +17,7 @@ from proto import tessera_pb2 as pb
 from proto import tessera_pb2_grpc as pb_grpc
 from server.api.auth import Auth, AuthError
 from server.api.convert import to_engine_request, to_response
+from server.api.wire import Undecodable
 from server.engine.async_engine import AsyncEngine
 from server.engine.errors import (AdapterNotFoundError, EngineError, EngineShutdownError, InvalidRequestError,
                                   QueueFullError)
@@ -62,7 +63,9 @@ class InferenceService(pb_grpc.InferenceServicer):
         self.metrics.rejected.labels(code.name).inc()
         await context.abort(code, message)
 
-    async def _check(self, context, admin: bool) -> None:
+    async def _check(self, context, admin: bool, request=None) -> None:
+        if isinstance(request, Undecodable):
+            await self._reject(context, grpc.StatusCode.INVALID_ARGUMENT, request.message)
         if self.draining:
             await self._reject(context, grpc.StatusCode.UNAVAILABLE, "the server is shutting down: retry elsewhere")
         try:
@@ -75,7 +78,7 @@ class InferenceService(pb_grpc.InferenceServicer):
 
     # -- Generate ---------------------------------------------------------------------------------
     async def Generate(self, request: pb.GenerateRequest, context):  # noqa: N802
-        await self._check(context, admin=False)
+        await self._check(context, admin=False, request=request)
         try:
             req = to_engine_request(request, self.default_max_new_tokens)
         except InvalidRequestError as exc:
@@ -84,41 +87,49 @@ class InferenceService(pb_grpc.InferenceServicer):
         self._idle.clear()
         stream = self.engine.generate(req)
         last_token_time = None
+        finished = False
         try:
             async for out in stream:
                 now = time.monotonic()
-                if out.token_ids and last_token_time is not None:
-                    self.metrics.observe_token_gap(now - last_token_time, len(out.token_ids))
                 if out.token_ids:
+                    self.metrics.generation_tokens.inc(len(out.token_ids))
+                    if last_token_time is not None:
+                        self.metrics.observe_token_gap(now - last_token_time, len(out.token_ids))
                     last_token_time = now
                 if out.finished:
+                    finished = True
                     self.metrics.observe_finished(out)
                 yield to_response(out)
                 if out.finish_reason is FinishReason.ERROR:
                     await context.abort(grpc.StatusCode.INTERNAL, out.error or "internal error")
         except (EngineError, AdapterLoadError) as exc:
+            finished = True  # refused before admission: counted as rejected, not as a finished request
             await self._reject(context, status_for(exc), str(exc))
-        except asyncio.CancelledError:  # the client went away or its deadline passed
-            self.metrics.requests.labels(FinishReason.CANCELLED.value).inc()
-            raise
         finally:
+            # The client went away or its deadline passed: the handler is cancelled, or (when it was
+            # suspended at a yield) closed. Either way the request counts once as cancelled.
+            if not finished:
+                self.metrics.requests.labels(FinishReason.CANCELLED.value).inc()
             await stream.aclose()
             self.active_streams -= 1
             if self.active_streams == 0:
                 self._idle.set()
 
     async def GetModelInfo(self, request, context):  # noqa: N802
-        await self._check(context, admin=False)
+        await self._check(context, admin=False, request=request)
+        from kernels import cpu_ext
+
         d = self.engine.describe()
         mc = self.engine.model_config
         return pb.GetModelInfoResponse(
             model=d["model"], device=d["device"], dtype=d["dtype"], max_model_len=d["max_model_len"],
             vocab_size=mc.vocab_size, has_chat_template=bool(self.engine.tokenizer.chat_template),
-            weight_bytes=d["weight_bytes"], kv_cache_bytes=d["kv_bytes"], quantization=d.get("quantization", "none"))
+            weight_bytes=d["weight_bytes"], kv_cache_bytes=d["kv_bytes"], quantization=d.get("quantization", "none"),
+            cpu_kernels=cpu_ext.status())
 
     # -- admin ------------------------------------------------------------------------------------
     async def LoadAdapter(self, request, context):  # noqa: N802
-        await self._check(context, admin=True)
+        await self._check(context, admin=True, request=request)
         try:
             info = await self.engine.load_adapter(request.adapter_id, request.path or None)
         except (EngineError, AdapterLoadError) as exc:
@@ -126,7 +137,7 @@ class InferenceService(pb_grpc.InferenceServicer):
         return pb.LoadAdapterResponse(adapter=_info(info))
 
     async def UnloadAdapter(self, request, context):  # noqa: N802
-        await self._check(context, admin=True)
+        await self._check(context, admin=True, request=request)
         try:
             self.engine.unload_adapter(request.adapter_id)
         except EngineError as exc:
@@ -134,7 +145,7 @@ class InferenceService(pb_grpc.InferenceServicer):
         return pb.UnloadAdapterResponse()
 
     async def ListAdapters(self, request, context):  # noqa: N802
-        await self._check(context, admin=True)
+        await self._check(context, admin=True, request=request)
         return pb.ListAdaptersResponse(adapters=[_info(i) for i in self.engine.list_adapters()])
 
 
