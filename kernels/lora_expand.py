@@ -15,14 +15,12 @@ slices (q/k/v, gate/up). Grid from (S, max_len, max width): fixed bounds allow C
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
 from kernels.lora import check_sgmv_metadata, row_block, MAX_SLICES, ref_paged_rows
-from kernels.triton_env import check
+from kernels.triton_env import check, jit, require_triton, tl, triton
 
 
-@triton.jit
+@jit
 def _expand_kernel(y_ptr, stride_y, h_ptr, stride_h, pool_ptr, pt_ptr, pt_start_ptr, desc_ptr, desc_stride,
                    key_off, seg_start_ptr, seg_len_ptr, seg_slot_ptr, n_blocks,
                    c0, c1, c2, w0, w1, w2,
@@ -71,6 +69,7 @@ def lora_expand(y: torch.Tensor, h: torch.Tensor, pool: torch.Tensor, page_table
                 widths: tuple[int, ...], seg_start: torch.Tensor, seg_len: torch.Tensor, seg_slot: torch.Tensor,
                 max_len: int) -> torch.Tensor:
     """The Triton SGMV expand (semantics in the module docstring); adds into and returns y."""
+    require_triton()
     P = pool.shape[1]
     ns = len(widths)
     check(1 <= ns <= MAX_SLICES and len(col_starts) == ns, f"1..{MAX_SLICES} output slices")

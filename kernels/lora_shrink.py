@@ -15,14 +15,12 @@ the caller may fix to capture bounds for CUDA graphs; no host sync.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
 from kernels.lora import check_sgmv_metadata, row_block, ref_paged_rows
-from kernels.triton_env import check, dot_in_fp32
+from kernels.triton_env import check, dot_in_fp32, jit, require_triton, tl, triton
 
 
-@triton.jit
+@jit
 def _shrink_kernel(x_ptr, stride_x, h_ptr, stride_h, pool_ptr, pt_ptr, pt_start_ptr, desc_ptr, desc_stride,
                    key_off, seg_start_ptr, seg_len_ptr, seg_slot_ptr, K,
                    PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -66,6 +64,7 @@ def lora_shrink(h: torch.Tensor, x: torch.Tensor, pool: torch.Tensor, page_table
                 pt_start: torch.Tensor, desc: torch.Tensor, key: int, seg_start: torch.Tensor,
                 seg_len: torch.Tensor, seg_slot: torch.Tensor, max_len: int, max_rank: int) -> torch.Tensor:
     """The Triton SGMV shrink (semantics in the module docstring); writes into and returns h."""
+    require_triton()
     T, K = x.shape
     P = pool.shape[1]
     check(x.dtype == pool.dtype and x.dtype in (torch.float16, torch.bfloat16, torch.float32),

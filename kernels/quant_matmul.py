@@ -15,12 +15,10 @@ from __future__ import annotations
 import threading
 
 import torch
-import triton
-import triton.language as tl
 
 from kernels import cpu_ext
 from kernels.quant import QuantizedWeight, ref_dequantize
-from kernels.triton_env import check, dot_in_fp32
+from kernels.triton_env import check, dot_in_fp32, jit, require_triton, tl, triton
 
 # Which CPU kernel serves how many rows (crossovers measured on SmolLM2's 30 layers, 2026-11-30, 2
 # threads): the GEMV up to 16 rows; the tiled kernel (14 dequantized rows in L1 times x^T, 14
@@ -84,7 +82,7 @@ def cpu_quant_linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | N
     return torch.nn.functional.linear(x, dequantize(w, out=_scratch_buffer(w.shape[0] * w.shape[1])), bias)
 
 
-@triton.jit
+@jit
 def _quant_matmul_kernel(x_ptr, stride_x, q_ptr, stride_q, s_ptr, mn_ptr, stride_s, b_ptr, y_ptr, stride_y,
                          M, N, K, G, BITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr):
@@ -126,6 +124,7 @@ def _quant_matmul_kernel(x_ptr, stride_x, q_ptr, stride_q, s_ptr, mn_ptr, stride
 
 def triton_quant_linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ dequantize(w).T (+ bias) with dequantization fused into the matmul. x: [..., K] -> [..., N]."""
+    require_triton()
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(1) != 1:

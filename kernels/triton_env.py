@@ -3,12 +3,31 @@
 Under `TRITON_INTERPRET=1` (the CPU test path) kernels run in Triton's numpy interpreter, whose
 `tl.dot` mis-reads bfloat16 operands; kernels then take their dot products in fp32, which is the
 same arithmetic (a bf16 x bf16 product is exact in fp32) and the same fp32 accumulation.
+
+Triton is optional (the `cuda` and `test` extras): without it the kernel modules still import, for
+the CPU paths, and launching a kernel raises.
 """
 from __future__ import annotations
 
 import os
 
 import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # a CPU install: nothing there launches a Triton kernel
+    triton = tl = None
+
+
+def jit(fn):
+    """triton.jit, or without Triton the undecorated function (never launched: require_triton refuses)."""
+    return fn if triton is None else triton.jit(fn)
+
+
+def require_triton() -> None:
+    if triton is None:
+        raise RuntimeError("the Triton kernels need Triton: pip install 'tessera[cuda]'")
 
 
 def interpreting() -> bool:
