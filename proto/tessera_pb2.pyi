@@ -151,7 +151,14 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("model", "device", "dtype", "max_model_len", "vocab_size", "has_chat_template", "weight_bytes", "kv_cache_bytes", "quantization")
+    __slots__ = ("model", "device", "dtype", "max_model_len", "vocab_size", "has_chat_template", "weight_bytes", "kv_cache_bytes", "quantization", "cpu_kernels")
+    class CpuKernelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -161,6 +168,7 @@ class GetModelInfoResponse(_message.Message):
     WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
+    CPU_KERNELS_FIELD_NUMBER: _ClassVar[int]
     model: str
     device: str
     dtype: str
@@ -170,4 +178,5 @@ class GetModelInfoResponse(_message.Message):
     weight_bytes: int
     kv_cache_bytes: int
     quantization: str
-    def __init__(self, model: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., has_chat_template: _Optional[bool] = ..., weight_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., quantization: _Optional[str] = ...) -> None: ...
+    cpu_kernels: _containers.ScalarMap[str, str]
+    def __init__(self, model: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., has_chat_template: _Optional[bool] = ..., weight_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., quantization: _Optional[str] = ..., cpu_kernels: _Optional[_Mapping[str, str]] = ...) -> None: ...
