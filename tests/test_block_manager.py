@@ -82,3 +82,30 @@ def test_preemption_takes_the_youngest_and_requeues_it_first():
     assert sch.waiting[0] is young and sch.num_preemptions == 1
     sch.remove(old)
     assert bm.allocator.num_used == 0
+
+
+def test_a_request_blocked_on_its_adapter_is_not_overtaken_by_new_adapters():
+    """A 4-page adapter pool: A runs adapter a (2 pages); B's adapter b needs all 4, so B waits. C (adapter c,
+    2 pages, later) must not take the free pages meanwhile, or a stream of small adapters could keep B
+    waiting forever; D (base) and E (A's adapter) add no adapter and go."""
+    pages = {"a": 2, "b": 4, "c": 2}
+
+    def gate(seq, running):
+        if seq.adapter_id is None:
+            return True
+        resident = {s.adapter_id for s in running if s.adapter_id}
+        return seq.adapter_id in resident or sum(pages[x] for x in resident) + pages[seq.adapter_id] <= 4
+
+    bm = BlockManager(num_blocks=64, block_size=4)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=256, adapter_gate=gate)
+    seqs = {}
+    for name, adapter in [("A", "a"), ("B", "b"), ("C", "c"), ("D", None), ("E", "a")]:
+        seqs[name] = _seq(name, 3)
+        seqs[name].adapter_id = adapter
+        sched.add(seqs[name])
+    assert {s.request_id for s in sched.schedule().seqs} == {"A", "D", "E"}
+    for name in ("A", "D", "E"):
+        sched.remove(seqs[name])
+    assert [s.request_id for s in sched.schedule().seqs] == ["B"]
+    sched.remove(seqs["B"])
+    assert [s.request_id for s in sched.schedule().seqs] == ["C"]

@@ -95,11 +95,17 @@ class Scheduler:
             picked.append((seq, n))
 
         # Waiting sequences in arrival order (preempted ones were put back in front). One whose adapter
-        # cannot be resident now (pool full of pinned adapters) lets later ones go first.
+        # cannot run now (--max-loras reached, pool full of pinned adapters) lets later ones go first if
+        # they bring no new adapter into the batch.
         blocked: list[Sequence] = []
         failed: list[tuple[Sequence, str]] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             seq = self.waiting[0]
+            if blocked and seq.adapter_id and seq.adapter_id not in {s.adapter_id for s in self.running}:
+                # an older request waits for an adapter slot or pool pages: a later one may not take them
+                # first with a new adapter (else the older one could wait forever)
+                blocked.append(self.waiting.popleft())
+                continue
             try:
                 ready = self.adapter_gate(seq, self.running)
             except Exception as exc:  # this request's adapter only: it fails, the queue goes on
