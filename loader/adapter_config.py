@@ -2,7 +2,10 @@
 
 Scaling is computed once per module (rank_pattern / alpha_pattern / rsLoRA, PEFT's rules), target
 matching mirrors PEFT's `check_target_module_exists`, and every field we cannot serve faithfully is
-reported together in one error instead of being loaded wrong.
+reported together in one error instead of being loaded wrong. Every field the server reads is
+checked for its type and shape here (regexes compiled as PEFT builds them), so that a malformed
+config is one "invalid" error naming the field, never an exception from matching or scaling later;
+`ConfigProblems` does the same for the other kinds' configs.
 """
 from __future__ import annotations
 
@@ -45,6 +48,128 @@ _MUST_BE_DEFAULT = {
 }
 
 
+class ConfigProblems:
+    """What is wrong with one adapter_config.json, raised together as one AdapterLoadError: a malformed
+    value ("<field>: <what is wrong>") makes it "invalid"; otherwise an option this server does not serve
+    makes it "unsupported". The readers return the value in its served form, or None after noting why."""
+
+    def __init__(self, source: str):
+        self.source = source
+        self.invalid: list[str] = []
+        self.unsupported: list[str] = []
+
+    def bad(self, name: str, what: str) -> None:
+        self.invalid.append(f"{name}: {what}")
+
+    def unserved(self, what: str) -> None:
+        self.unsupported.append(what)
+
+    def raise_any(self) -> None:
+        if self.invalid or self.unsupported:
+            raise AdapterLoadError("invalid" if self.invalid else "unsupported",
+                                   f"{self.source}: " + "; ".join(self.invalid + self.unsupported))
+
+    def unknown_fields(self, d: dict[str, Any], known: set[str]) -> None:
+        """Fields we do not know are refused unless they hold an empty / default value."""
+        for key, value in d.items():
+            if key not in known and value not in (None, False, [], {}, ""):
+                self.unserved(f"unknown field {key}={value!r}")
+
+    def integer(self, d: dict[str, Any], name: str, default: int | None = None, minimum: int = 1) -> int | None:
+        """An integer >= minimum (JSON true/false and 8.0 are not integers); absent or null -> default."""
+        v = d.get(name)
+        if v is None:
+            return default
+        if not _is_int(v) or v < minimum:
+            self.bad(name, f"must be an integer >= {minimum}, got {v!r}")
+            return None
+        return v
+
+    def number(self, d: dict[str, Any], name: str, default: float) -> float | None:
+        v = d.get(name)
+        if v is None:
+            return default
+        if not _is_number(v):
+            self.bad(name, f"must be a finite number, got {v!r}")
+            return None
+        return float(v)
+
+    def flag(self, d: dict[str, Any], name: str) -> bool:
+        v = d.get(name)
+        if v is not None and not isinstance(v, bool):
+            self.bad(name, f"must be true or false, got {v!r}")
+        return v is True
+
+    def string(self, d: dict[str, Any], name: str) -> str | None:
+        v = d.get(name)
+        if v is not None and not isinstance(v, str):
+            self.bad(name, f"must be a string, got {v!r}")
+            return None
+        return v
+
+    def modules(self, d: dict[str, Any], name: str) -> str | frozenset[str] | None:
+        """PEFT's module selector: a list of names / name suffixes, or one regex (fullmatch); null -> None."""
+        v = d.get(name)
+        if v is None:
+            return None
+        if isinstance(v, str):
+            return v if self.regex(name, v, v) else None
+        if isinstance(v, list) and all(isinstance(x, str) for x in v):
+            return frozenset(v)
+        self.bad(name, f"must be a list of module names or a regex string, got {v!r}")
+        return None
+
+    def strings(self, d: dict[str, Any], name: str) -> tuple[str, ...]:
+        """A string or a list of strings; null -> ()."""
+        v = d.get(name)
+        if v is None:
+            return ()
+        if isinstance(v, str):
+            return (v,)
+        if isinstance(v, list) and all(isinstance(x, str) for x in v):
+            return tuple(v)
+        self.bad(name, f"must be a string or a list of strings, got {v!r}")
+        return ()
+
+    def layer_indices(self, d: dict[str, Any], name: str) -> tuple[int, ...] | None:
+        """An index or a list of indices (>= 0); null -> None."""
+        v = d.get(name)
+        if v is None:
+            return None
+        if _is_int(v) and v >= 0:
+            return (v,)
+        if isinstance(v, list) and all(_is_int(x) and x >= 0 for x in v):
+            return tuple(v)
+        self.bad(name, f"must be a layer index or a list of layer indices (integers >= 0), got {v!r}")
+        return None
+
+    def regex(self, name: str, shown: str, pattern: str) -> bool:
+        """Does `pattern` (built from the config's `shown` text) compile? Notes why not."""
+        try:
+            re.compile(pattern)
+            return True
+        except (re.error, RecursionError, OverflowError) as exc:
+            self.bad(name, f"{shown!r} is not a valid regular expression ({exc})")
+            return False
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# The regexes PEFT builds from rank_pattern / alpha_pattern keys and from layers_pattern entries.
+def _pattern_regex(key: str) -> str:
+    return rf"(.*\.)?({key})$"
+
+
+def _layers_regex(pattern: str) -> str:
+    return rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\."
+
+
 @dataclass
 class LoraAdapterConfig:
     peft_type: str  # "LORA" | "ADALORA"
@@ -63,53 +188,59 @@ class LoraAdapterConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "adapter_config.json") -> "LoraAdapterConfig":
-        problems = []
+        """Every field's type and value is checked here, so that matching and scaling cannot fail later."""
         ptype = str(d.get("peft_type", "")).upper()
         if ptype not in LORA_TYPES:
             raise AdapterLoadError("unsupported", f"{source}: peft_type {ptype or None!r} is not a LoRA adapter")
+        p = ConfigProblems(source)
         if d.get("task_type") not in (None, "CAUSAL_LM"):
-            problems.append(f"task_type {d['task_type']!r} (only CAUSAL_LM is served)")
+            p.unserved(f"task_type {d['task_type']!r} (only CAUSAL_LM is served)")
         for key, ok in _MUST_BE_DEFAULT.items():
             if key in d and not ok(d[key]):
-                problems.append(f"{key}={d[key]!r} is not supported")
-        for key, value in d.items():
-            if key not in _IGNORED and value not in (None, False, [], {}, ""):
-                problems.append(f"unknown field {key}={value!r}")
-        tm = d.get("target_modules")
-        if tm == "all-linear":
+                p.unserved(f"{key}={d[key]!r} is not supported")
+        p.unknown_fields(d, _IGNORED)
+        if d.get("target_modules") == "all-linear":
             tm = frozenset(LINEAR_MODULES)
-        elif isinstance(tm, list):
-            tm = frozenset(tm)
-        elif not isinstance(tm, str):
-            problems.append(f"target_modules must be a list or a regex string, got {tm!r}")
-            tm = frozenset()
-        r = d.get("init_r") if ptype == "ADALORA" and d.get("init_r") else d.get("r", 8)
-        if not isinstance(r, int) or r < 1:
-            problems.append(f"r must be a positive integer, got {r!r}")
-        if not isinstance(d.get("lora_alpha", 8), (int, float)):
-            problems.append(f"lora_alpha must be a number, got {d.get('lora_alpha')!r}")
-        ltt = d.get("layers_to_transform")
-        if isinstance(ltt, int):
-            ltt = (ltt,)
-        elif ltt is not None:
-            ltt = tuple(ltt)
-        lp = d.get("layers_pattern") or ()
-        lp = (lp,) if isinstance(lp, str) else tuple(lp)
-        em = d.get("exclude_modules")
-        if isinstance(em, list):
-            em = frozenset(em)
-        rank_pattern = d.get("rank_pattern") or {}
-        if ptype == "LORA" and any(not isinstance(v, int) or v < 1 for v in rank_pattern.values()):
-            problems.append("rank_pattern values must be positive integers")
-        if problems:
-            raise AdapterLoadError("unsupported" if any("not supported" in p or "unknown" in p for p in problems)
-                                   else "invalid", f"{source}: " + "; ".join(problems))
-        return cls(peft_type=ptype, r=int(r), lora_alpha=float(d.get("lora_alpha", 8)), target_modules=tm,
-                   use_rslora=bool(d.get("use_rslora")), use_dora=bool(d.get("use_dora")),
-                   rank_pattern=rank_pattern if ptype == "LORA" else {},
-                   alpha_pattern=d.get("alpha_pattern") or {}, layers_to_transform=ltt, layers_pattern=lp,
-                   exclude_modules=em, base_model_name_or_path=d.get("base_model_name_or_path"),
-                   init_r=int(d["init_r"]) if ptype == "ADALORA" and d.get("init_r") else None)
+        elif d.get("target_modules") is None:
+            p.bad("target_modules", "missing (a list of module names or a regex string)")
+            tm = None
+        else:
+            tm = p.modules(d, "target_modules")
+        adalora_r = ptype == "ADALORA" and d.get("init_r") is not None
+        r = p.integer(d, "r", default=8)
+        if adalora_r:
+            r = p.integer(d, "init_r")
+        alpha = p.number(d, "lora_alpha", default=8.0)
+        use_rslora, use_dora = p.flag(d, "use_rslora"), p.flag(d, "use_dora")
+        ltt = p.layer_indices(d, "layers_to_transform")
+        lp = tuple(x for x in p.strings(d, "layers_pattern") if p.regex("layers_pattern", x, _layers_regex(x)))
+        em = p.modules(d, "exclude_modules")
+        # LoRA: module pattern -> rank; AdaLoRA saves its pruning masks there (unused: ranks come from the tensors)
+        rank_pattern: dict[str, Any] = {}
+        if ptype == "LORA":
+            rank_pattern = cls._patterns(p, d, "rank_pattern", lambda v: _is_int(v) and v >= 1, "a positive integer")
+        elif not isinstance(d.get("rank_pattern") or {}, dict):
+            p.bad("rank_pattern", f"must be an object, got {d['rank_pattern']!r}")
+        alpha_pattern = cls._patterns(p, d, "alpha_pattern", _is_number, "a finite number")
+        base = p.string(d, "base_model_name_or_path")
+        p.raise_any()
+        return cls(peft_type=ptype, r=r, lora_alpha=alpha, target_modules=tm, use_rslora=use_rslora,
+                   use_dora=use_dora, rank_pattern=rank_pattern,
+                   alpha_pattern=alpha_pattern, layers_to_transform=ltt, layers_pattern=lp, exclude_modules=em,
+                   base_model_name_or_path=base, init_r=r if adalora_r else None)
+
+    @staticmethod
+    def _patterns(p: ConfigProblems, d: dict[str, Any], name: str, ok, what: str) -> dict[str, Any]:
+        """rank_pattern / alpha_pattern: {regex key: value}; keys must compile as PEFT embeds them."""
+        v = d.get(name) or {}
+        if not isinstance(v, dict):
+            p.bad(name, f"must be an object mapping module patterns to values, got {v!r}")
+            return {}
+        for key, value in v.items():
+            p.regex(name, key, _pattern_regex(key))
+            if not ok(value):
+                p.bad(name, f"the value for {key!r} must be {what}, got {value!r}")
+        return v
 
     # -- PEFT's module matching ------------------------------------------------------------------
     def targets(self, name: str) -> bool:
@@ -132,7 +263,7 @@ class LoraAdapterConfig:
         if self.layers_pattern:
             m = None
             for pattern in self.layers_pattern:
-                m = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
+                m = re.match(_layers_regex(pattern), name)
                 if m:
                     break
         else:
@@ -142,7 +273,7 @@ class LoraAdapterConfig:
     @staticmethod
     def _pattern(patterns: dict[str, Any], name: str):
         for key, value in patterns.items():
-            if re.match(rf"(.*\.)?({key})$", name):
+            if re.match(_pattern_regex(key), name):
                 return value
         return None
 

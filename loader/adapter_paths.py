@@ -29,10 +29,28 @@ def resolve_adapter_dir(root: Path | None, adapter_id: str) -> Path:
         raise AdapterLoadError("not_found", f"adapter {adapter_id!r} is not loaded and the server has no "
                                "--adapter-root to load it from")
     real_root = Path(root).resolve()
-    path = (real_root / adapter_id).resolve()
+    try:
+        path = (real_root / adapter_id).resolve()
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop
+        raise AdapterLoadError("invalid", f"adapter {adapter_id!r} cannot be resolved under the adapter root "
+                               f"({exc})") from None
     if path != real_root and real_root not in path.parents:
         raise AdapterLoadError("invalid", f"adapter {adapter_id!r} resolves outside the adapter root")
     if not path.is_dir():
         raise AdapterLoadError("not_found", f"adapter {adapter_id!r} is neither loaded nor a directory under "
                                "the adapter root")
     return path
+
+
+def resolve_adapter_path(path: str | Path) -> Path:
+    """An explicit adapter directory (admin LoadAdapter), absolute after symlinks; a path the OS cannot
+    take (a NUL byte, a symlink loop) is an "invalid" error naming `path`, never an OS exception."""
+    text = str(path)
+    if not text:
+        raise AdapterLoadError("invalid", "path: is empty")
+    if "\x00" in text:
+        raise AdapterLoadError("invalid", f"path: {text[:80]!r} contains a NUL byte")
+    try:
+        return Path(text).resolve()
+    except (OSError, RuntimeError, ValueError) as exc:  # RuntimeError: a symlink loop
+        raise AdapterLoadError("invalid", f"path: {text[:200]!r} cannot be resolved ({exc})") from None

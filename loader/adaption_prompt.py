@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from loader.adapter_config import ConfigProblems
 from loader.adapter_errors import AdapterLoadError
 from loader.config import ModelConfig
 from loader.lora import read_adapter_config, read_safetensors
@@ -47,17 +48,20 @@ def load_adaption_prompt(adapter_id: str, path: Path, model_cfg: ModelConfig, mo
     """model: the served LlamaModel (its k/v projections turn the prompt into keys and values)."""
     d = read_adapter_config(path)
     name = path.name
-    problems = [f"unknown field {k}={v!r}" for k, v in d.items() if k not in _KNOWN and v not in (None, False, [], {}, "")]
-    if d.get("target_modules") not in (None, "self_attn"):
-        problems.append(f"target_modules={d['target_modules']!r} (only self_attn is served)")
+    p = ConfigProblems(f"{name}/adapter_config.json")
+    p.unknown_fields(d, _KNOWN)
+    if p.string(d, "target_modules") not in (None, "self_attn"):
+        p.unserved(f"target_modules={d['target_modules']!r} (only self_attn is served)")
     if d.get("modules_to_save"):
-        problems.append("modules_to_save is not supported")
-    n, top = d.get("adapter_len"), d.get("adapter_layers")
-    if not isinstance(n, int) or n < 1 or not isinstance(top, int) or not 1 <= top <= model_cfg.num_hidden_layers:
-        problems.append(f"adapter_len / adapter_layers must be positive integers (layers <= "
-                        f"{model_cfg.num_hidden_layers}), got {n!r} / {top!r}")
-    if problems:
-        raise AdapterLoadError("unsupported", f"{name}: " + "; ".join(problems))
+        p.unserved("modules_to_save is not supported")
+    for field in ("adapter_len", "adapter_layers"):
+        if d.get(field) is None:
+            p.bad(field, "missing")
+    n, top = p.integer(d, "adapter_len"), p.integer(d, "adapter_layers")
+    p.raise_any()
+    if top > model_cfg.num_hidden_layers:
+        raise AdapterLoadError("incompatible", f"{name}: adapter_layers: {top}, but the base model has "
+                               f"{model_cfg.num_hidden_layers} layers (made for another base model?)")
     parts: dict[int, dict[str, torch.Tensor]] = {}
     for key, t in read_safetensors(path).items():
         m = _KEY.match(key)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from loader.adapter_config import LINEAR_MODULES
+from loader.adapter_config import LINEAR_MODULES, ConfigProblems
 from loader.adapter_errors import AdapterLoadError
 from loader.config import ModelConfig
 from loader.lora import _PARENT, module_dims, read_adapter_config, read_safetensors
@@ -46,17 +46,23 @@ class Ia3Adapter:
 def load_ia3_adapter(adapter_id: str, path: Path, model: ModelConfig) -> Ia3Adapter:
     d = read_adapter_config(path)
     name = path.name
-    problems = [f"unknown field {k}={v!r}" for k, v in d.items() if k not in _KNOWN and v not in (None, False, [], {}, "")]
+    p = ConfigProblems(f"{name}/adapter_config.json")
+    p.unknown_fields(d, _KNOWN)
     if d.get("fan_in_fan_out"):
-        problems.append("fan_in_fan_out is not supported")
+        p.unserved("fan_in_fan_out is not supported")
     if d.get("modules_to_save"):
-        problems.append("modules_to_save is not supported")
+        p.unserved("modules_to_save is not supported")
     if d.get("task_type") not in (None, "CAUSAL_LM"):
-        problems.append(f"task_type {d['task_type']!r} (only CAUSAL_LM is served)")
-    if problems:
-        raise AdapterLoadError("unsupported", f"{name}: " + "; ".join(problems))
-    ff = d.get("feedforward_modules") or []
-    ff = set(ff) if isinstance(ff, list) else {m for m in LINEAR_MODULES if re.fullmatch(ff, m)}
+        p.unserved(f"task_type {d['task_type']!r} (only CAUSAL_LM is served)")
+    # which modules are adapted is read from the tensors; the selectors are only checked for shape
+    for field in ("target_modules", "exclude_modules"):
+        p.modules(d, field)
+    p.layer_indices(d, "layers_to_transform")
+    p.strings(d, "layers_pattern")
+    p.flag(d, "init_ia3_weights")
+    ff = p.modules(d, "feedforward_modules") or frozenset()
+    p.raise_any()
+    ff = set(ff) if isinstance(ff, frozenset) else {m for m in LINEAR_MODULES if re.fullmatch(ff, m)}
     dims = module_dims(model)
     out = Ia3Adapter(adapter_id, path)
     for key, t in read_safetensors(path).items():
@@ -71,6 +77,9 @@ def load_ia3_adapter(adapter_id: str, path: Path, model: ModelConfig) -> Ia3Adap
         fan_in, fan_out = dims[mod]
         is_input = mod in ff
         want = (1, fan_in) if is_input else (fan_out, 1)
+        if t.dim() != 2 or (t.shape[0] if is_input else t.shape[1]) != 1:
+            raise AdapterLoadError("invalid", f"{name}: {key} has shape {tuple(t.shape)}, expected {want} "
+                                   f"({'input' if is_input else 'output'} scaling: feedforward_modules decides)")
         if tuple(t.shape) != want:
             raise AdapterLoadError("incompatible", f"{name}: {key} has shape {tuple(t.shape)}, expected {want}")
         v = t.float().flatten()

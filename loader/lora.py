@@ -78,11 +78,13 @@ def read_adapter_config(path: Path) -> dict:
         raise AdapterLoadError("not_found", f"{path}: {CONFIG_FILE} is missing")
     try:
         d = json.loads(cfg_file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad UTF-8 or JSON
         raise AdapterLoadError("invalid", f"{cfg_file}: not valid JSON ({exc})") from None
     if not isinstance(d, dict):
-        raise AdapterLoadError("invalid", f"{cfg_file}: expected a JSON object")
-    ptype = str(d.get("peft_type", "")).upper()
+        raise AdapterLoadError("invalid", f"{cfg_file}: expected a JSON object, got {type(d).__name__}")
+    if not isinstance(d.get("peft_type", ""), str):
+        raise AdapterLoadError("invalid", f"{cfg_file}: peft_type: must be a string, got {d['peft_type']!r}")
+    ptype = d.get("peft_type", "").upper()
     if not ptype and ("config" in d or (path / "pytorch_adapter.bin").exists()):
         kind = d.get("config", {}).get("architecture") if isinstance(d.get("config"), dict) else None
         raise AdapterLoadError("unsupported", f"{path.name}: an adapter-transformers (AdapterHub) adapter"
@@ -104,9 +106,15 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise AdapterLoadError("not_found", f"{path}: {WEIGHTS_FILE} is missing")
     try:
         with safe_open(str(file), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:  # safetensors raises its own error types for bad headers/truncation
         raise AdapterLoadError("invalid", f"{file}: not a valid safetensors file ({exc})") from None
+    # every adapter kind served holds floating-point weights only
+    bad = [f"{k} ({str(t.dtype).removeprefix('torch.')})" for k, t in tensors.items() if not t.is_floating_point()]
+    if bad:
+        raise AdapterLoadError("invalid", f"{file}: tensors must be floating-point: {', '.join(bad[:5])}"
+                               + (" ..." if len(bad) > 5 else ""))
+    return tensors
 
 
 def load_lora_adapter(adapter_id: str, path: Path, model: ModelConfig, max_rank: int,
@@ -129,9 +137,6 @@ def load_lora_adapter(adapter_id: str, path: Path, model: ModelConfig, max_rank:
         if layer >= model.num_hidden_layers:
             raise AdapterLoadError("incompatible", f"{path.name}: tensor {key} is for layer {layer} but the base "
                                    f"model has {model.num_hidden_layers} layers (made for another base model?)")
-        if not t.is_floating_point():
-            problems.append(f"{key}: dtype {t.dtype} is not a floating-point type")
-            continue
         parts.setdefault((layer, module), {})[part] = t
     if problems:
         raise AdapterLoadError("unsupported" if any("unsupported" in p for p in problems) else "invalid",
@@ -156,8 +161,11 @@ def load_lora_adapter(adapter_id: str, path: Path, model: ModelConfig, max_rank:
             raise AdapterLoadError("invalid", f"{path.name}: {name} has tensors {sorted(p)}, expected {list(need)}")
         A, B = p["lora_A"].float(), p["lora_B"].float()
         fan_in, fan_out = dims[mod]
-        r = A.shape[0] if A.dim() == 2 else -1
-        if A.dim() != 2 or B.dim() != 2 or A.shape[1] != fan_in or B.shape != (fan_out, r):
+        if A.dim() != 2 or B.dim() != 2 or B.shape[1] != A.shape[0]:
+            raise AdapterLoadError("invalid", f"{path.name}: {name} lora_A {tuple(A.shape)} / lora_B "
+                                   f"{tuple(B.shape)} are not an (r, in) / (out, r) pair")
+        r = A.shape[0]
+        if A.shape[1] != fan_in or B.shape[0] != fan_out:
             raise AdapterLoadError("incompatible", f"{path.name}: {name} lora_A {tuple(A.shape)} / lora_B "
                                    f"{tuple(B.shape)} do not fit this base model (expected ({r}, {fan_in}) / "
                                    f"({fan_out}, {r})): made for another base model?")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from loader.adapter_config import ConfigProblems
 from loader.adapter_errors import AdapterLoadError
 from loader.config import ModelConfig
 from loader.lora import read_adapter_config, read_safetensors
@@ -66,34 +67,47 @@ class PromptAdapter:
 
 def load_prompt_adapter(adapter_id: str, path: Path, model: ModelConfig) -> PromptAdapter:
     d = read_adapter_config(path)
-    ptype = str(d.get("peft_type", "")).upper()
-    kind = PROMPT_TYPES[ptype]
+    kind = PROMPT_TYPES[d["peft_type"].upper()]
     name = path.name
-    problems = [f"unknown field {k}={v!r}" for k, v in d.items() if k not in _KNOWN and v not in (None, False, [], {}, "")]
+    p = ConfigProblems(f"{name}/adapter_config.json")
+    p.unknown_fields(d, _KNOWN)
     if d.get("task_type") not in (None, "CAUSAL_LM"):
-        problems.append(f"task_type {d['task_type']!r} (only CAUSAL_LM is served)")
+        p.unserved(f"task_type {d['task_type']!r} (only CAUSAL_LM is served)")
     if d.get("modules_to_save"):
-        problems.append("modules_to_save is not supported")
-    if d.get("num_transformer_submodules") not in (None, 1):
-        problems.append(f"num_transformer_submodules={d['num_transformer_submodules']} (decoder-only models have 1)")
+        p.unserved("modules_to_save is not supported")
     nvt = d.get("num_virtual_tokens")
-    if not isinstance(nvt, int) or nvt < 1:
-        problems.append(f"num_virtual_tokens must be a positive integer, got {nvt!r}")
-    if problems:
-        raise AdapterLoadError("unsupported" if any("not supported" in p or "task_type" in p for p in problems)
-                               else "invalid", f"{name}: " + "; ".join(problems))
-    if d.get("num_layers") not in (None, model.num_hidden_layers):
-        raise AdapterLoadError("incompatible", f"{name}: made for {d['num_layers']} layers, the base model has "
+    if nvt is None:
+        p.bad("num_virtual_tokens", "missing")
+    nvt = p.integer(d, "num_virtual_tokens")
+    if p.integer(d, "num_transformer_submodules") not in (None, 1):
+        p.bad("num_transformer_submodules", f"{d['num_transformer_submodules']} (decoder-only models have 1)")
+    token_dim = p.integer(d, "token_dim")
+    num_layers = p.integer(d, "num_layers")
+    for field in ("num_attention_heads", "encoder_hidden_size", "encoder_num_layers"):  # informational
+        p.integer(d, field)
+    p.flag(d, "prefix_projection")
+    num_tasks = p.integer(d, "num_tasks") if kind == "multitask" else None
+    num_ranks = p.integer(d, "num_ranks") if kind == "multitask" else None
+    p.raise_any()
+    if num_layers not in (None, model.num_hidden_layers):
+        raise AdapterLoadError("incompatible", f"{name}: made for {num_layers} layers, the base model has "
                                f"{model.num_hidden_layers}")
     tensors = read_safetensors(path)
     kv_dim = model.num_key_value_heads * model.head_dim
+    dim = kv_dim if kind == "prefix" else model.hidden_size  # PEFT's token_dim for this model
     width = model.num_hidden_layers * 2 * kv_dim if kind == "prefix" else model.hidden_size
     table = tensors.get("prompt_embeddings")
     if table is None:
         raise AdapterLoadError("invalid", f"{name}: prompt_embeddings is missing (tensors: {sorted(tensors)[:5]})")
-    if tuple(table.shape) != (nvt, width):
+    if table.dim() != 2 or table.shape[0] != nvt:
+        raise AdapterLoadError("invalid", f"{name}: prompt_embeddings {tuple(table.shape)} is not "
+                               f"(num_virtual_tokens={nvt}, width)")
+    if table.shape[1] != width:
         raise AdapterLoadError("incompatible", f"{name}: prompt_embeddings {tuple(table.shape)}, expected "
                                f"({nvt}, {width}) for this base model (made for another model?)")
+    if token_dim not in (None, dim):
+        raise AdapterLoadError("invalid", f"{name}: token_dim: {token_dim} disagrees with prompt_embeddings "
+                               f"{tuple(table.shape)} (token dimension {dim})")
     extra = set(tensors) - {"prompt_embeddings", "prefix_task_cols", "prefix_task_rows"}
     if extra:
         raise AdapterLoadError("invalid", f"{name}: unexpected tensors {sorted(extra)[:5]}")
@@ -104,6 +118,10 @@ def load_prompt_adapter(adapter_id: str, path: Path, model: ModelConfig) -> Prom
                 or rows.shape[2] != model.hidden_size or cols.shape[0] != rows.shape[0] or cols.shape[2] != rows.shape[1]:
             raise AdapterLoadError("invalid", f"{name}: prefix_task_cols / prefix_task_rows missing or of the wrong "
                                    "shape ([tasks, nvt, ranks] / [tasks, ranks, hidden])")
+        for field, want, got in (("num_tasks", num_tasks, cols.shape[0]), ("num_ranks", num_ranks, cols.shape[2])):
+            if want not in (None, got):
+                raise AdapterLoadError("invalid", f"{name}: {field}: {want} disagrees with prefix_task_cols "
+                                       f"{tuple(cols.shape)}")
         cols, rows = cols.float(), rows.float()
     out = PromptAdapter(adapter_id, path, kind, nvt, table.float(), cols, rows)
     if not all(torch.isfinite(t).all() for t in (out.table, cols, rows) if t is not None):

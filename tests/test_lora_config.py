@@ -90,3 +90,24 @@ def test_symlink_out_of_root_is_refused(tmp_path):
     with pytest.raises(AdapterLoadError) as err:
         resolve_adapter_dir(root, "missing")
     assert err.value.reason == "not_found"
+    os.symlink(root / "loop-b", root / "loop-a")
+    os.symlink(root / "loop-a", root / "loop-b")
+    with pytest.raises(AdapterLoadError) as err:
+        resolve_adapter_dir(root, "loop-a")
+    assert err.value.reason == "invalid" and "cannot be resolved" in str(err.value)  # was a raw RuntimeError
+
+
+def test_every_malformed_field_is_named_in_one_invalid_error():
+    """Type and shape checks happen at parse time (a regex PEFT would build, a list where a number goes),
+    all reported together; the reason is "invalid" even when unsupported options are present too."""
+    d = {"peft_type": "LORA", "r": 4, "lora_alpha": "big", "target_modules": "([", "rank_pattern": {"(": 4},
+         "alpha_pattern": {"q_proj": [2]}, "layers_to_transform": 5.5, "layers_pattern": 7, "exclude_modules": 5,
+         "use_rslora": "yes", "bias": "all"}
+    with pytest.raises(AdapterLoadError) as err:
+        LoraAdapterConfig.from_dict(d)
+    msg = str(err.value)
+    assert err.value.reason == "invalid"
+    for name in ("lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "layers_to_transform",
+                 "layers_pattern", "exclude_modules", "use_rslora"):
+        assert f"{name}: " in msg, name
+    assert "bias='all' is not supported" in msg
