@@ -2,7 +2,13 @@
 
 Tiers: disk (registered, path known) -> host memory (the serving form, LRU under a byte limit) ->
 device pool pages (LRU; an adapter is pinned while a running sequence uses it). Device residency
-implies a host copy, so evicting from the device frees pages without copying anything back.
+implies a host copy, so evicting from the device frees pages without copying anything back, and the
+host limit (--adapter-host-memory) counts every adapter in memory, device-resident ones included.
+To make room for a new adapter the host tier drops the least recently used adapters that no request
+holds (their device pages first); an adapter that does not fit even then is refused (no_room) and
+left unregistered. Requests hold a reference (acquire .. release) from admission to the end, so an
+adapter a request waits for is never dropped; one dropped between its load and its request's
+acquire is read again by acquire.
 
 Threads: disk loads run in worker threads (`load`); the engine thread makes adapters resident and
 pins them between steps (`make_resident`, `pin`, `unpin`); admin calls may come from anywhere. One
@@ -11,6 +17,7 @@ lock guards the registry; disk I/O happens outside it.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import Counter
@@ -21,7 +28,7 @@ from typing import Callable, Protocol
 import torch
 
 from loader.adapter_errors import AdapterLoadError
-from loader.adapter_paths import check_adapter_id, resolve_adapter_dir
+from loader.adapter_paths import check_adapter_id, resolve_adapter_dir, resolve_adapter_path
 from loader.adaption_prompt import AdaptionAdapter, load_adaption_prompt
 from loader.ia3 import Ia3Adapter, load_ia3_adapter
 from loader.lora import load_lora_adapter, module_dims, read_adapter_config
@@ -61,6 +68,21 @@ class AdapterEntry:
         return "device" if self.device is not None else ("host" if self.host is not None else "disk")
 
 
+@dataclass
+class _LoadJob:
+    """One disk load in flight; concurrent loads of the same id wait for it and share its outcome."""
+    done: threading.Event = field(default_factory=threading.Event)
+    error: AdapterLoadError | None = None
+
+
+def _size(nbytes: int, round_up: bool = False) -> str:
+    for unit, scale in (("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            v = nbytes / scale
+            return f"{math.ceil(v * 10) / 10 if round_up else v:.1f} {unit}"
+    return f"{nbytes} B"
+
+
 class AdapterManager:
     def __init__(self, model, *, adapter_root: Path | None, device_memory: int, host_memory: int,
                  max_lora_rank: int, load_on_demand: bool = True, lora_dtype: torch.dtype | None = None):
@@ -80,10 +102,17 @@ class AdapterManager:
         self.observer: AdapterObserver | None = None
         self.num_evictions = 0
         self._lock = threading.RLock()
-        self._loading: dict[str, threading.Event] = {}
+        self._loading: dict[str, _LoadJob] = {}
+        # Set by the engine once the KV cache exists: num_virtual_tokens -> why a prompt-learning adapter's
+        # shared prefix can never fit the cache's adapter share (None: it fits). Checked at load.
+        self.prompt_kv_refusal: Callable[[int], str | None] | None = None
         log.info("adapter pool: %d pages of %d %s elements (%.1f MiB on %s), host tier %.1f MiB, max rank %d",
                  self.pool.num_pages, page, str(pool_dtype).removeprefix("torch."), self.pool.nbytes / 2**20,
                  self.device, host_memory / 2**20, max_lora_rank)
+        if host_memory < self.pool.nbytes:
+            log.warning("--adapter-host-memory (%.1f MiB) is below the device pool (%.1f MiB): the host tier counts "
+                        "device-resident adapters too, so the pool cannot fill", host_memory / 2**20,
+                        self.pool.nbytes / 2**20)
 
     # -- registry (any thread) -------------------------------------------------------------------
     def get(self, adapter_id: str) -> AdapterEntry | None:
@@ -96,61 +125,92 @@ class AdapterManager:
         e = self.get(adapter_id)
         return e is None or e.host is None
 
-    def load(self, adapter_id: str, path: Path | None = None) -> AdapterEntry:
-        """Disk -> host tier (blocking: call from a worker thread). Explicit path = admin LoadAdapter."""
+    def load(self, adapter_id: str, path: Path | None = None, *, hold: bool = False) -> AdapterEntry:
+        """Disk -> host tier (blocking: call from a worker thread). Explicit path = admin LoadAdapter.
+
+        Every failure is an AdapterLoadError. hold: also take a request's reference (as acquire does) in the
+        same critical section, so nothing can drop the adapter before the caller uses it; release() it."""
         check_adapter_id(adapter_id)
-        with self._lock:
-            e = self.entries.get(adapter_id)
-            if e is not None and e.unloading:
-                raise AdapterLoadError("not_found", f"adapter {adapter_id!r} is being unloaded; retry when it is gone")
-            if e is not None and e.host is not None and (path is None or Path(path).resolve() == e.path):
-                return e
-            if e is not None and path is not None and Path(path).resolve() != e.path:
-                raise AdapterLoadError("invalid", f"adapter id {adapter_id!r} is already loaded from {e.path}; "
-                                       "unload it first")
-            waiter = self._loading.get(adapter_id)
-            if waiter is None:
-                self._loading[adapter_id] = threading.Event()
-        if waiter is not None:  # someone else is loading it: wait for their result
-            waiter.wait()
-            e = self.get(adapter_id)
-            if e is None or e.host is None:
-                raise AdapterLoadError("not_found", f"adapter {adapter_id!r} failed to load (see the earlier error)")
-            return e
-        try:
-            t0 = time.perf_counter()
-            if path is None:
-                path = e.path if e is not None else resolve_adapter_dir(self.root, adapter_id)
-            path = Path(path).resolve()
-            family, adapter, host = self._read(adapter_id, path)
+        if path is not None:
+            path = resolve_adapter_path(path)
+        while True:
             with self._lock:
-                nbytes = host.flat.numel() * host.flat.element_size() if family == "lora" else adapter.nbytes
-                e = self.entries.get(adapter_id) or AdapterEntry(
-                    adapter_id, path, adapter.kind, adapter.rank if family == "lora" else 0, nbytes, family)
-                e.host, e.last_used = host, time.monotonic()
-                self.entries[adapter_id] = e
-                self._trim_host()
-            dt = time.perf_counter() - t0
-            log.info("adapter %s loaded from %s: %s%s, %.2f MiB in %.0f ms", adapter_id, path, adapter.kind,
-                     f" rank {adapter.rank}" if family == "lora" else
-                     f" {adapter.rank} virtual tokens" if family == "prompt" else "", adapter.nbytes / 2**20, dt * 1000)
-            if self.observer:
-                self.observer.adapter_loaded("disk", dt)
-            return e
+                e = self.entries.get(adapter_id)
+                if e is not None and e.unloading:
+                    raise AdapterLoadError("not_found", f"adapter {adapter_id!r} is being unloaded; retry when it "
+                                           "is gone")
+                if e is not None and path is not None and path != e.path:
+                    raise AdapterLoadError("invalid", f"adapter id {adapter_id!r} is already loaded from {e.path}; "
+                                           "unload it first")
+                if e is not None and e.host is not None:
+                    if hold:
+                        self._take(e)
+                    return e
+                job = self._loading.get(adapter_id)
+                if job is None:
+                    job = self._loading[adapter_id] = _LoadJob()
+                    break
+            job.done.wait()  # someone else is reading it: share their outcome
+            if job.error is not None:
+                raise AdapterLoadError(job.error.reason, str(job.error))
+            # loaded: the next pass returns it (or reads it again if the host tier dropped it meanwhile)
+        if path is None and e is not None:
+            path = e.path  # registered, dropped to disk: read from where it was loaded
+        try:
+            return self._load_from_disk(adapter_id, path, hold)
         except AdapterLoadError as exc:
+            job.error = exc
             if self.observer:
                 self.observer.adapter_load_failed(exc.reason)
             log.warning("adapter %s failed to load: %s", adapter_id, exc)
             raise
         finally:
             with self._lock:
-                self._loading.pop(adapter_id).set()
+                self._loading.pop(adapter_id)
+            job.done.set()
+
+    def _load_from_disk(self, adapter_id: str, path: Path | None, hold: bool) -> AdapterEntry:
+        t0 = time.perf_counter()
+        try:
+            path = path if path is not None else resolve_adapter_dir(self.root, adapter_id)
+            family, adapter, host = self._read(adapter_id, path)
+        except AdapterLoadError:
+            raise
+        except (MemoryError, torch.OutOfMemoryError) as exc:
+            raise AdapterLoadError("no_room", f"adapter {adapter_id!r}: out of memory while reading it "
+                                   f"({type(exc).__name__})") from exc
+        except Exception as exc:  # a loader bug or a file no check foresaw: still a clear, typed refusal
+            log.exception("adapter %s: unexpected error while reading %s", adapter_id, path)
+            raise AdapterLoadError("invalid", f"adapter {adapter_id!r}: could not be read: "
+                                   f"{type(exc).__name__}: {exc}") from exc
+        nbytes = host.flat.numel() * host.flat.element_size() if family == "lora" else adapter.nbytes
+        with self._lock:
+            e = self.entries.get(adapter_id)
+            self._make_host_room(adapter_id, nbytes, e)
+            if e is None:
+                e = self.entries[adapter_id] = AdapterEntry(adapter_id, path, adapter.kind, 0, nbytes, family)
+            # (re)read from disk: the files may have changed since it was registered
+            e.kind, e.family, e.nbytes = adapter.kind, family, nbytes
+            e.rank = adapter.rank if family == "lora" else 0
+            e.host, e.last_used = host, time.monotonic()
+            if hold:
+                self._take(e)
+        dt = time.perf_counter() - t0
+        log.info("adapter %s loaded from %s: %s%s, %.2f MiB in %.0f ms", adapter_id, path, adapter.kind,
+                 f" rank {adapter.rank}" if family == "lora" else
+                 f" {adapter.rank} virtual tokens" if family == "prompt" else "", adapter.nbytes / 2**20, dt * 1000)
+        if self.observer:
+            self.observer.adapter_loaded("disk", dt)
+        return e
 
     def _read(self, adapter_id: str, path: Path):
         """Disk -> (family, the loaded adapter, its host serving form), by the config's peft_type."""
-        ptype = str(read_adapter_config(path).get("peft_type", "")).upper()
+        ptype = read_adapter_config(path).get("peft_type", "").upper()
         if ptype in PROMPT_TYPES:
             a = load_prompt_adapter(adapter_id, path, self.cfg)
+            why = self.prompt_kv_refusal(a.num_virtual_tokens) if self.prompt_kv_refusal else None
+            if why:
+                raise AdapterLoadError("no_room", f"adapter {adapter_id!r} {why}")
             return "prompt", a, a
         if ptype == "IA3":
             a = load_ia3_adapter(adapter_id, path, self.cfg)
@@ -180,14 +240,20 @@ class AdapterManager:
             return e.refs
 
     def acquire(self, adapter_id: str) -> AdapterEntry:
-        """A request will use this adapter (counted until release)."""
+        """A request will use this adapter (counted until release). A registered adapter that the host tier
+        dropped to disk (possibly right after its on-demand load) is read again here, blocking."""
         with self._lock:
             e = self.entries.get(adapter_id)
-            if e is None or e.unloading or e.host is None:
+            if e is None or e.unloading:
                 raise AdapterNotFoundError(f"adapter {adapter_id!r} is not loaded")
-            e.refs += 1
-            e.last_used = time.monotonic()
-            return e
+            if e.host is not None:
+                self._take(e)
+                return e
+        return self.load(adapter_id, hold=True)
+
+    def _take(self, e: AdapterEntry) -> None:
+        e.refs += 1
+        e.last_used = time.monotonic()
 
     def release(self, adapter_id: str) -> None:
         with self._lock:
@@ -273,14 +339,27 @@ class AdapterManager:
         e.host = None
         self.entries.pop(e.adapter_id, None)
 
-    def _trim_host(self) -> None:
-        """Host tier over its limit: drop the host copies of least recently used idle adapters (to disk)."""
-        used = sum(e.nbytes for e in self.entries.values() if e.host is not None)
-        idle = sorted((e for e in self.entries.values() if e.host is not None and e.device is None and e.refs == 0),
-                      key=lambda e: e.last_used)
-        for e in idle:
-            if used <= self.host_limit:
+    def _make_host_room(self, adapter_id: str, nbytes: int, keep: AdapterEntry | None) -> None:
+        """Room in the host tier for an adapter of nbytes (not yet counted): drop the host copies of the least
+        recently used adapters no request holds, freeing their device pages first. Refuses (no_room) before
+        dropping anything when even dropping all of them would not be enough."""
+        others = [x for x in self.entries.values() if x.host is not None and x is not keep]
+        used = sum(x.nbytes for x in others)
+        idle = sorted((x for x in others if x.refs == 0 and x.pins == 0), key=lambda x: x.last_used)
+        held = used - sum(x.nbytes for x in idle)  # by adapters that queued or running requests use
+        if nbytes + held > self.host_limit:
+            in_use = f" while adapters in use by requests hold {_size(held)}" if held else ""
+            short = _size(nbytes + held - self.host_limit, round_up=True)
+            raise AdapterLoadError("no_room", f"adapter {adapter_id!r} needs {_size(nbytes)} of host memory but "
+                                   f"--adapter-host-memory is {_size(self.host_limit)}{in_use}: raise "
+                                   f"--adapter-host-memory by at least {short}"
+                                   + (" or retry when those requests finish" if held else ""))
+        for x in idle:
+            if used + nbytes <= self.host_limit:
                 break
-            e.host = None
-            used -= e.nbytes
-            log.debug("adapter %s dropped from host memory (reloads from %s)", e.adapter_id, e.path)
+            if x.device is not None:
+                self._evict(x)
+            x.host = None
+            used -= x.nbytes
+            log.info("adapter %s dropped from host memory to make room for %s (reloads from %s)", x.adapter_id,
+                     adapter_id, x.path)
