@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--adapter-memory", type=parse_bytes, default=512 << 20,
                    help="bytes of the device adapter pool (paged; e.g. 512MiB, 2G)")
     a.add_argument("--adapter-host-memory", type=parse_bytes, default=4 << 30,
-                   help="bytes of adapters kept in host memory behind the pool (LRU)")
+                   help="bytes of adapters kept in host memory (LRU); it covers the device-resident ones too "
+                   "(each keeps its host copy), so make it at least --adapter-memory")
     a.add_argument("--max-lora-rank", type=int, default=64, help="largest LoRA rank accepted")
     a.add_argument("--max-loras", type=int, default=32, help="distinct adapters in one batch")
     a.add_argument("--lora-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],

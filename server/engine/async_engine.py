@@ -111,7 +111,8 @@ class AsyncEngine:
         if self.stats().num_waiting >= self.max_queue:
             raise QueueFullError(f"the waiting queue is full ({self.max_queue} requests): retry later")
         if request.adapter_id and self.engine.adapters.needs_load(request.adapter_id):
-            if not self.engine.cfg.load_adapters_on_demand:
+            # registered adapters the host tier dropped to disk reload either way
+            if not self.engine.cfg.load_adapters_on_demand and self.engine.adapters.get(request.adapter_id) is None:
                 raise AdapterNotFoundError(f"adapter {request.adapter_id!r} is not loaded (on-demand loading is off)")
             await asyncio.to_thread(self.engine.adapters.load, request.adapter_id)  # other requests keep running
         seq = await self._prepare(request)
