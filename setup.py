@@ -36,6 +36,13 @@ class BuildKernels(BuildExtension):
         if self.editable_mode:
             self.build_temp = str(ROOT / "build" / "cpu-kernels")
 
+    def copy_file(self, infile, outfile, *args, **kwargs):
+        # The in-place copy is a new file, never the old one truncated and rewritten: processes still
+        # running have the old module mapped (a rewrite under them is a SIGBUS).
+        if os.path.exists(outfile):
+            os.unlink(outfile)
+        return super().copy_file(infile, outfile, *args, **kwargs)
+
 
 # -g0: Python's own CFLAGS carry -g, which makes each module ~11 MB instead of ~0.3 MB
 ext_modules = [
