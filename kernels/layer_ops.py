@@ -2,7 +2,7 @@
 memory each, no autograd) behind the torch expressions they replace, which are also their reference.
 
 `rms_norm` / `rotary` / `silu_and_mul` take the C++ path only for inference on CPU fp32 tensors; with
-gradients, on other devices or dtypes, or without a compiler, they run the torch reference.
+gradients, on other devices or dtypes, or when the kernels are not built, they run the torch reference.
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ weights through their page tables (fp32 or bf16 pool pages, upcast exactly; fp32
 accumulation). Segments are cut into blocks of at most 64 tokens, spread over the threads by cost;
 an adapter's rows are read from memory once per block (AVX-512 register-blocked dot products for
 shrink, 64-column accumulations for expand).
-`available()` is False without a C++ compiler: callers then use the per-segment torch path.
+`available()` is False when the kernels are not built (kernels/cpu_ext.py): callers then use the per-segment torch path.
 """
 from __future__ import annotations
 

@@ -1,11 +1,11 @@
 """y = x @ dequantize(w).T for int4/int8 weights (formats: kernels/quant.py), chosen once per device.
 
-CPU: a small C++ extension (kernels/cpu/quant_gemm.cpp, built on first use with torch's
-cpp_extension): a GEMV with dequantization fused into the dot products for small batches, a tiled
+CPU: a small C++ extension (kernels/cpu/quant_gemm.cpp, built when the package is installed,
+kernels/cpu_ext.py): a GEMV with dequantization fused into the dot products for small batches, a tiled
 kernel (rows dequantized into L1, register-blocked over 32 batch rows) for many decoding
 sequences, and dequantize-once + one sgemm for prefill. torch's own `_weight_int8pack_mm` /
 `_weight_int4pack_mm_for_cpu` measured 6-40x slower than fp32 on this project's CPU with fp32
-activations (bench/RESULTS.md), so they are not used. Without a compiler: the reference.
+activations (bench/RESULTS.md), so they are not used. Kernel not built: the reference.
 CUDA: `triton_quant_linear`, one Triton kernel that dequantizes tiles of the packed weight in
 registers (never a dense copy in memory) and feeds tl.dot, for decode (GEMV-shaped, M <= 16: one row
 block) and prefill (GEMM tiles) alike.

@@ -11,7 +11,7 @@ import torch
 from kernels import lora_cpu
 from tests import lora_scenarios as scen
 
-pytestmark = pytest.mark.skipif(not lora_cpu.available(), reason="no C++ compiler for the CPU kernels")
+pytestmark = pytest.mark.skipif(not lora_cpu.available(), reason="the C++ CPU kernels are not built (run ./setup.sh)")
 SGMV = (lora_cpu.cpu_lora_shrink, lora_cpu.cpu_lora_expand)
 
 

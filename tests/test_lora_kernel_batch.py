@@ -26,7 +26,7 @@ from server.engine.scheduler import ScheduledBatch
 from server.engine.sequence import Sequence
 from server.model.llama import LlamaModel
 
-NO_CXX = pytest.mark.skipif(not lora_cpu.available(), reason="no C++ compiler for the CPU kernels")
+NO_CXX = pytest.mark.skipif(not lora_cpu.available(), reason="the C++ CPU kernels are not built (run ./setup.sh)")
 KERNELS = {  # (shrink, expand, fused shrink+expand or None), as sgmv_ops returns them
     "triton": pytest.param((lora_shrink, lora_expand, None), marks=pytest.mark.skipif(
         not (interpreting() or torch.cuda.is_available()), reason="Triton needs CUDA or TRITON_INTERPRET=1")),
@@ -140,7 +140,7 @@ def test_bf16_pool_equals_peft_on_bf16_exact_adapters(tmp_path, path):
     math stays fp32, so adapters whose weights are bf16 values give PEFT's fp32 logits, through the
     runner's own kernel choice (the C++ SGMV) and through the torch fallback (upcast per step)."""
     if path == "default" and not lora_cpu.available():
-        pytest.skip("no C++ compiler for the CPU kernels")
+        pytest.skip("the C++ CPU kernels are not built (run ./setup.sh)")
     torch.manual_seed(0)
     hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(**TINY), dtype=torch.float32).eval()
     peft_models = _peft_adapters(hf, tmp_path, names=("r4-qv", "r16-all", "r33-mlp"), bf16_exact=True)

@@ -44,7 +44,7 @@ def test_ggml_blocks_convert_without_loss(kind, qtype):
     assert np.array_equal(ours, want)
 
 
-@pytest.mark.skipif(cpu_extension() is None, reason="no C++ compiler for the CPU kernels")
+@pytest.mark.skipif(cpu_extension() is None, reason="the C++ CPU kernels are not built (run ./setup.sh)")
 @pytest.mark.parametrize("fmt", ["int4g32", "int4g64", "int4g128", "int8", "int8g32"])
 @pytest.mark.parametrize("rows", [1, 3, 16, 17, 31, 32, 33, 45, 64, 65, 96, 97, 160, 161, 300])
 def test_cpu_kernel_equals_reference(fmt, rows):
@@ -59,7 +59,7 @@ def test_cpu_kernel_equals_reference(fmt, rows):
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)  # fp32 accumulation vs fp64
 
 
-@pytest.mark.skipif(cpu_extension() is None, reason="no C++ compiler for the CPU kernels")
+@pytest.mark.skipif(cpu_extension() is None, reason="the C++ CPU kernels are not built (run ./setup.sh)")
 def test_cpu_kernels_refuse_inconsistent_packed_weights():
     """Scales or mins with the wrong rows or groups would make the kernels read past their buffers: every
     entry point (GEMV, tiled, dequantize) of both formats refuses them before reading."""

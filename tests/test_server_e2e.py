@@ -11,6 +11,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from kernels import cpu_ext
 from proto import tessera_pb2 as pb
 from server.config import EngineConfig
 from server.engine.engine import LLMEngine
@@ -192,6 +193,7 @@ def test_health_reflection_and_model_info(server):
     info = server.stub.GetModelInfo(pb.GetModelInfoRequest())
     assert info.max_model_len == 8192 and info.vocab_size == 49152 and info.has_chat_template
     assert info.device == "cpu" and info.weight_bytes > 0
+    assert dict(info.cpu_kernels) == {k: "compiled" for k in cpu_ext.KERNELS}  # built at install, not at run time
 
 
 def test_sigterm_drains(tmp_path):

@@ -7,7 +7,7 @@ with its layer index and output slices:
     h = x[seg] @ A_cat.T                    (one shrink for all adapted slices of the fused layer)
     y[seg, slice] += h[:, r0:r1] @ Bt       (Bt already scaled; DoRA: base part scaled by g first)
 This is the plain-torch path (pool views and BLAS calls per segment), used where no kernel takes the
-step: no C++ compiler on the CPU, or dtypes the kernels do not serve. Normally the same step runs as two
+step: the C++ kernels not built (kernels/cpu_ext.py), or dtypes the kernels do not serve. Normally the same step runs as two
 kernel calls per layer, Triton on CUDA and C++ on the CPU (server/adapters/kernel_batch.py).
 """
 from __future__ import annotations

@@ -12,6 +12,7 @@ import time
 
 import grpc
 
+from kernels import cpu_ext
 from loader.adapter_errors import AdapterLoadError
 from proto import tessera_pb2 as pb
 from proto import tessera_pb2_grpc as pb_grpc
@@ -117,8 +118,6 @@ class InferenceService(pb_grpc.InferenceServicer):
 
     async def GetModelInfo(self, request, context):  # noqa: N802
         await self._check(context, admin=False, request=request)
-        from kernels import cpu_ext
-
         d = self.engine.describe()
         mc = self.engine.model_config
         return pb.GetModelInfoResponse(
