@@ -106,6 +106,12 @@ class InferenceService(pb_grpc.InferenceServicer):
         except (EngineError, AdapterLoadError) as exc:
             finished = True  # refused before admission: counted as rejected, not as a finished request
             await self._reject(context, status_for(exc), str(exc))
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # a bug, not the caller's input: say so (never UNKNOWN), keep serving
+            finished = True
+            log.exception("Generate failed")
+            await self._reject(context, grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
         finally:
             # The client went away or its deadline passed: the handler is cancelled, or (when it was
             # suspended at a yield) closed. Either way the request counts once as cancelled.
@@ -133,13 +139,16 @@ class InferenceService(pb_grpc.InferenceServicer):
             info = await self.engine.load_adapter(request.adapter_id, request.path or None)
         except (EngineError, AdapterLoadError) as exc:
             await self._reject(context, status_for(exc), str(exc))
+        except Exception as exc:
+            log.exception("LoadAdapter failed")
+            await self._reject(context, grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
         return pb.LoadAdapterResponse(adapter=_info(info))
 
     async def UnloadAdapter(self, request, context):  # noqa: N802
         await self._check(context, admin=True, request=request)
         try:
             self.engine.unload_adapter(request.adapter_id)
-        except EngineError as exc:
+        except (EngineError, AdapterLoadError) as exc:
             await self._reject(context, status_for(exc), str(exc))
         return pb.UnloadAdapterResponse()
 

@@ -58,7 +58,8 @@ class LLMEngine:
         self.prefixes = KVPrefixStore(self.blocks, self.runner, mc, int(num_blocks * cfg.adapter_kv_fraction))
         self.adapters.prompt_kv_refusal = self.prefixes.refusal  # a prefix over the budget is refused at load
         self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens,
-                                   self._adapter_gate, self._adapter_release, self.prefixes.reclaim)
+                                   self._adapter_gate, self._adapter_release, self.prefixes.reclaim,
+                                   self.adapters.family)
         self.sampler = Sampler()
         self.eos_ids = set(mc.eos_token_ids)
         self.requests: dict[str, Sequence] = {}

@@ -46,13 +46,16 @@ class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
                  adapter_gate: Callable[[Sequence, list[Sequence]], bool] | None = None,
                  adapter_release: Callable[[Sequence], None] | None = None,
-                 reclaim: Callable[[int], None] | None = None):
+                 reclaim: Callable[[int], None] | None = None,
+                 adapter_family: Callable[[str], str] | None = None):
         self.blocks = block_manager
         # adapter_gate(seq, running): make seq's adapter resident and pin it, or say it cannot run now.
         self.adapter_gate = adapter_gate or (lambda seq, running: True)
         self.adapter_release = adapter_release or (lambda seq: None)
         # reclaim(n): free idle cached blocks (unused shared prefixes) until n blocks are free, if it can
         self.reclaim = reclaim or (lambda n: None)
+        # which resource an adapter competes for (lora: slots and pool pages; prompt: KV prefix room)
+        self.adapter_family = adapter_family or (lambda adapter_id: "adapter")
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -96,14 +99,16 @@ class Scheduler:
 
         # Waiting sequences in arrival order (preempted ones were put back in front). One whose adapter
         # cannot run now (--max-loras reached, pool full of pinned adapters) lets later ones go first if
-        # they bring no new adapter into the batch.
+        # they bring no new adapter of the same family into the batch.
         blocked: list[Sequence] = []
         failed: list[tuple[Sequence, str]] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             seq = self.waiting[0]
-            if blocked and seq.adapter_id and seq.adapter_id not in {s.adapter_id for s in self.running}:
-                # an older request waits for an adapter slot or pool pages: a later one may not take them
-                # first with a new adapter (else the older one could wait forever)
+            if (seq.adapter_id and self.adapter_family(seq.adapter_id) in {self.adapter_family(b.adapter_id)
+                                                                           for b in blocked}
+                    and seq.adapter_id not in {s.adapter_id for s in self.running}):
+                # an older request waits for an adapter slot, pool pages or prefix room: a later one may not
+                # take them first with a new adapter of the same family (else the older could wait forever)
                 blocked.append(self.waiting.popleft())
                 continue
             try:
