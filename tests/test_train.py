@@ -1,11 +1,13 @@
 """The trainer end to end on the real SmolLM2 (CPU): a LoRA trained on the shipped demo task halves
 its validation loss and, served by the real gRPC server, does the held-out task the base model cannot;
-prefix and prompt tuning lower the validation loss and load in PEFT with equal logits; a QLoRA adapter
+prefix and prompt tuning lower the validation loss and load in PEFT with equal logits; a LoRA trained on
+plain-text prompt/completion rows answers the same raw prompt in the engine; a QLoRA adapter
 gives the same logits in the int4 server as in the trainer's own forward; resume continues the same
 loss curve; bad input fails fast with clear messages."""
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +26,7 @@ from server.engine.scheduler import ScheduledBatch
 from server.engine.sequence import Sequence
 from server.model.llama import LlamaModel
 from server.train import data as D
+from server.train.checkpoint import TRAINING_FILE
 from server.train.config import TrainConfig
 from server.train.trainer import build_adapter, train
 from server.train.step import real_token_logits
@@ -32,6 +35,8 @@ from tests.server_proc import ROOT, ServerProcess
 
 DEMO = ROOT / "tests" / "data" / "json_extract"
 VALID = [json.loads(line) for line in (DEMO / "valid.jsonl").read_text().splitlines() if line.strip()]
+# the demo rows are conversational: {"prompt": [user message], "completion": [assistant message]}
+PROMPTS = [r["prompt"][0]["content"] for r in VALID]
 
 
 def _cfg(method: str, out: Path, **kw) -> TrainConfig:
@@ -62,9 +67,12 @@ def demo_lora(tmp_path_factory):
 
 
 def test_demo_lora_halves_validation_loss_quickly(demo_lora):
-    _, state = demo_lora
+    out, state = demo_lora
     assert state["final_eval_loss"] <= state["first_eval_loss"] / 2, state
     assert state["train_seconds"] < 600
+    rows = json.loads((out / TRAINING_FILE).read_text())["rows"]
+    assert {k: (v["examples"], v["rendering"]) for k, v in rows.items()} == {
+        "conversational prompt/completion": (240, "chat")}  # 200 training + 40 validation rows
 
 
 def _generate(stub, adapter: str, prompt: str) -> str:
@@ -77,11 +85,11 @@ def test_demo_lora_served_over_grpc_does_the_held_out_task(demo_lora, tmp_path):
     server = ServerProcess(tmp_path, "--adapter-root", str(out.parent))
     try:
         with ThreadPoolExecutor(16) as pool:
-            tuned = list(pool.map(lambda r: _generate(server.stub, out.name, r["prompt"]), VALID))
-            plain = list(pool.map(lambda r: _generate(server.stub, "", r["prompt"]), VALID))
+            tuned = list(pool.map(lambda p: _generate(server.stub, out.name, p), PROMPTS))
+            plain = list(pool.map(lambda p: _generate(server.stub, "", p), PROMPTS))
     finally:
         assert server.stop() == 0
-    want = [r["completion"] for r in VALID]
+    want = [r["completion"][0]["content"] for r in VALID]
     tuned_ok = sum(a == b for a, b in zip(tuned, want))
     plain_ok = sum(a == b for a, b in zip(plain, want))
     assert tuned_ok >= 0.8 * len(VALID), list(zip(tuned, want))[:5]
@@ -99,7 +107,7 @@ def test_demo_lora_loads_in_peft_with_equal_logits(demo_lora, base):
     adapter = build_adapter(_cfg("lora", out, target_modules="all-linear", r=16, lora_alpha=32), model,
                             loaded.tokenizer, "x")
     adapter.load_peft_tensors(read_safetensors(out))
-    ids = torch.tensor([D.render_prompt(loaded.tokenizer, VALID[0]["prompt"], "chat")])
+    ids = torch.tensor([D.render_prompt(loaded.tokenizer, VALID[0]["prompt"])])
     mine = real_token_logits(model, adapter.eval(), ids)
     hf = AutoModelForCausalLM.from_pretrained(hf_smollm2_dir(), dtype=torch.float32)
     peft = PeftModel.from_pretrained(hf, str(out)).eval()
@@ -126,7 +134,7 @@ def test_prefix_and_prompt_tuning_lower_loss_and_load_in_peft(method, kw, base, 
                                                            if k not in ("prefix_projection", "encoder_hidden_size")}),
                                  model, loaded.tokenizer, "x")
     mine_adapter.load_peft_tensors(saved)  # a projection's saved form is its output: load it plain
-    ids = torch.tensor([D.render_prompt(loaded.tokenizer, VALID[1]["prompt"], "chat")])
+    ids = torch.tensor([D.render_prompt(loaded.tokenizer, VALID[1]["prompt"])])
     mine = real_token_logits(model, mine_adapter.eval(), ids)
     peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(hf_smollm2_dir(), dtype=torch.float32),
                                      str(tmp_path / method)).eval()
@@ -145,6 +153,51 @@ def test_prefix_and_prompt_tuning_lower_loss_and_load_in_peft(method, kw, base, 
     while engine.has_work():
         served += [t for o in engine.step() for t in o.token_ids]
     assert served == peft_tokens
+
+
+SHOUT_WORDS = ["apple", "river", "candle", "tiger", "pencil", "garden", "rocket", "window",  # trained
+               "silver", "dragon", "pillow", "carpet"]                                        # held out
+
+
+def _shout(word: str) -> dict:
+    return {"prompt": f"Shout the word: {word}\n", "completion": f"{word.upper()}!!!"}
+
+
+def _served_text(engine: LLMEngine, prompt: str, adapter_id: str | None) -> str:
+    """Greedy generation for a raw `prompt` (tokenized as the server does: tokenizer(prompt), no chat template)."""
+    engine.add(engine.make_sequence(GenerateRequest(prompt=prompt, adapter_id=adapter_id,
+                                                    sampling=SamplingParams(max_new_tokens=8))))
+    ids = []
+    while engine.has_work():
+        ids += [t for o in engine.step() for t in o.token_ids]
+    return engine.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+@pytest.mark.slow
+def test_plain_prompt_completion_adapter_answers_the_raw_prompt(base, tmp_path, caplog):
+    """Issue 16/13: string prompt/completion rows train as plain text (TRL's convention), so the adapter
+    answers the same raw prompt sent to the server (trained through the chat template, as before, it answered
+    "\nApple is a fruit ..."); the log and tessera_training.json say which rendering was used."""
+    _, loaded = base
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(_shout(w)) + "\n" for w in SHOUT_WORDS[:8]))
+    (tmp_path / "valid.jsonl").write_text("".join(json.dumps(_shout(w)) + "\n" for w in SHOUT_WORDS[8:]))
+    out = tmp_path / "adapters" / "shout"
+    with caplog.at_level(logging.INFO, logger="tessera.train"):  # 8 steps of one 8-row batch
+        result = train(TrainConfig(method="lora", data=str(tmp_path / "train.jsonl"), output=str(out),
+                                   validation_file=str(tmp_path / "valid.jsonl"), target_modules="all-linear",
+                                   learning_rate=2e-3, max_steps=8, eval_steps=100, report_to="none",
+                                   logging_steps=100))
+    assert result["final_eval_loss"] < result["first_eval_loss"] / 2, result
+    assert ("prompt/completion rows: plain text, no chat template (TRL's convention): prompt + completion + eos; "
+            "serve them with the raw prompt; use --template chat to apply the chat template") in caplog.messages
+    recorded = json.loads((out / TRAINING_FILE).read_text())
+    assert recorded["template"] == "auto" and recorded["rows"] == {"prompt/completion": {
+        "examples": 12, "rendering": "plain", "description": D.describe("prompt/completion", "auto")}}
+    engine = LLMEngine(EngineConfig(adapter_root=str(out.parent), quantize="none"), loaded)
+    engine.adapters.load("shout")
+    prompt = _shout("apple")["prompt"]
+    assert _served_text(engine, prompt, "shout") == "APPLE!!!"
+    assert _served_text(engine, prompt, None) != "APPLE!!!"  # the base model does not shout
 
 
 def _served_logits(engine: LLMEngine, adapter_id: str, ids: list[int]) -> torch.Tensor:
@@ -176,7 +229,7 @@ def test_qlora_what_was_trained_is_what_is_served(tmp_path):
     engine = LLMEngine(EngineConfig(quantize="int4", adapter_root=str(out.parent)), loaded)
     engine.adapters.load("qlora")
     for row in VALID[:3]:
-        ids = D.render_prompt(loaded.tokenizer, row["prompt"], "chat")
+        ids = D.render_prompt(loaded.tokenizer, row["prompt"])
         trainer_view = real_token_logits(trained_on, adapter.eval(), torch.tensor([ids]))[0]
         torch.testing.assert_close(_served_logits(engine, "qlora", ids), trainer_view, rtol=1e-4, atol=2e-4)
     # and PEFT, on the same (dequantized int4) base weights, computes the same logits from the saved adapter

@@ -4,13 +4,14 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import logging
 from pathlib import Path
 
 import pytest
 import torch
 
-from server.train.data import (IGNORE, TEMPLATES, DataError, Example, batches, collate, load_examples,
-                               render_prompt, split_validation)
+from server.train.data import (IGNORE, TEMPLATES, DataError, Example, batches, collate, describe, load_examples,
+                               render_prompt, split_validation, training_format)
 
 DEMO = Path(__file__).parent / "data" / "json_extract"
 SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
@@ -68,23 +69,52 @@ def test_tokenizer_conventions(tok):
     assert rendered == SYSTEM + "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
 
 
+SHOUT = {"prompt": "Shout the word: apple\n", "completion": "APPLE!!!"}
+
+
+def test_prompt_completion_rows_are_plain_text_by_default(tok, tmp_path):
+    """TRL's convention: a string prompt/completion row is tokenizer(prompt + completion) + eos, no chat template,
+    loss on the completion; the prompt ids are what the server's raw `prompt` gives (tokenizer(prompt))."""
+    f = write_jsonl(tmp_path / "shout.jsonl", [SHOUT, {**SHOUT, "completion": "APPLE!!!<|im_end|>"}])
+    plain, with_eos = load_examples(f, tok)
+    prompt_ids = tok(SHOUT["prompt"]).input_ids
+    assert render_prompt(tok, SHOUT["prompt"]) == prompt_ids
+    assert plain.input_ids == tok(SHOUT["prompt"] + SHOUT["completion"]).input_ids + [tok.eos_token_id]
+    assert check_prompt_completion(tok, plain, prompt_ids) == "APPLE!!!<|im_end|>"
+    assert tok.convert_tokens_to_ids("<|im_start|>") not in plain.input_ids
+    assert tok.decode(plain.input_ids) == "Shout the word: apple\nAPPLE!!!<|im_end|>"
+    assert plain.form == "prompt/completion"
+    assert with_eos.input_ids == plain.input_ids  # a completion ending in the eos text gets no second one (TRL)
+    assert [e.input_ids for e in load_examples(f, tok, template="plain")] == [plain.input_ids] * 2
+
+
 def test_chat_template_prompt_completion(tok, tmp_path):
+    """--template chat: a string prompt/completion row through the chat template (user = prompt, assistant =
+    completion), the same ids as the conversational form of the row, which "auto" renders with the chat template."""
     prompt, completion = "Extract name, age and city as JSON: Maria is 34.", '{"name": "Maria", "age": 34}'
-    f = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": prompt, "completion": completion}])
-    for template in ("chat", "auto"):
-        [ex] = load_examples(f, tok, template=template)
-        assert ex.source == "pc.jsonl:1"
-        ids = render_prompt(tok, prompt, template)
-        assert ids == tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                              return_dict=False)
-        # the completion is followed by the template's end of turn: <|im_end|> and its newline
-        assert check_prompt_completion(tok, ex, ids) == completion + "<|im_end|>\n"
-        assert ex.input_ids[-2:] == [tok.eos_token_id, tok("\n").input_ids[0]]
-        assert ex.input_ids == tok.apply_chat_template(
-            [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}], return_dict=False)
+    f = write_jsonl(tmp_path / "pc.jsonl", [
+        {"prompt": prompt, "completion": completion},
+        {"prompt": [{"role": "user", "content": prompt}],
+         "completion": [{"role": "assistant", "content": completion}]}])
+    [ex, conv_forced] = load_examples(f, tok, template="chat")
+    [plain, conv] = load_examples(f, tok)
+    assert ex.source == "pc.jsonl:1"
+    assert (ex.form, conv.form) == ("prompt/completion", "conversational prompt/completion")
+    ids = render_prompt(tok, prompt, "chat")
+    assert ids == tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                          return_dict=False)
+    assert render_prompt(tok, [{"role": "user", "content": prompt}]) == ids
+    # the completion is followed by the template's end of turn: <|im_end|> and its newline
+    assert check_prompt_completion(tok, ex, ids) == completion + "<|im_end|>\n"
+    assert ex.input_ids[-2:] == [tok.eos_token_id, tok("\n").input_ids[0]]
+    assert ex.input_ids == tok.apply_chat_template(
+        [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}], return_dict=False)
+    for c in (conv, conv_forced):  # conversational rows always use the chat template
+        assert (c.input_ids, c.labels) == (ex.input_ids, ex.labels)
+    assert plain.input_ids == tok(prompt + completion).input_ids + [tok.eos_token_id]
 
 
-def test_alpaca_template(tok, tmp_path):
+def test_alpaca_template(tok, plain_tok, tmp_path):
     f = write_jsonl(tmp_path / "a.jsonl", [{"prompt": "Add the numbers.", "completion": "5"},
                                            {"prompt": "Add the numbers.", "input": "2 and 3", "completion": "5"},
                                            {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
@@ -99,24 +129,68 @@ def test_alpaca_template(tok, tmp_path):
     assert check_prompt_completion(tok, with_input, ids_in) == "5<|im_end|>"
     assert alpaca.input_ids == with_input.input_ids and alpaca.labels == with_input.labels
     assert empty_input.input_ids == no_input.input_ids  # an empty input is no input
+    # "auto": instruction/output rows get the Alpaca prompt (chat template or not), prompt/completion rows plain text
+    for t in (tok, plain_tok):
+        pc, _, auto_alpaca, _ = load_examples(f, t)
+        assert (auto_alpaca.input_ids, auto_alpaca.labels) == (alpaca.input_ids, alpaca.labels)
+        assert tok.decode(pc.input_ids) == "Add the numbers.5<|im_end|>"
 
 
 def test_plain_template(tok, plain_tok, tmp_path):
     prompt, completion = "Q: capital of France?\nA:", " Paris"
     f = write_jsonl(tmp_path / "p.jsonl", [{"prompt": prompt, "completion": completion},
                                            {"instruction": "Add", "input": "2 and 3", "output": "5"}])
-    for t, template in ((tok, "plain"), (plain_tok, "auto")):  # auto without a chat template = plain
-        ex, with_input = load_examples(f, t, template=template)
+    for t, template in ((tok, "plain"), (tok, "auto"), (plain_tok, "auto")):
+        ex = load_examples(f, t, template=template)[0]
         ids = render_prompt(t, prompt, template)
         assert ids == tok(prompt).input_ids
         assert check_prompt_completion(tok, ex, ids) == " Paris<|im_end|>"
         assert ex.input_ids[len(ids):] == tok(completion, add_special_tokens=False).input_ids + [tok.eos_token_id]
-        assert tok.decode(with_input.input_ids) == "Add\n\n2 and 35<|im_end|>"  # input after a blank line
+    with_input = load_examples(f, tok, template="plain")[1]
+    assert tok.decode(with_input.input_ids) == "Add\n\n2 and 35<|im_end|>"  # input after a blank line
     with pytest.raises(DataError, match="chat template"):
         load_examples(f, plain_tok, template="chat")
     with pytest.raises(ValueError, match="unknown template"):
         load_examples(f, tok, template="vicuna")
     assert TEMPLATES == ("auto", "chat", "alpaca", "plain")
+
+
+def test_prompt_merging_into_the_completion_is_warned_about(tok, tmp_path, caplog):
+    """A prompt ending in a space: tokenizer(prompt + completion) merges the space into the completion's first
+    token, so the row (tokenized as TRL does) does not start with tokenizer(prompt); load_examples says so."""
+    f = write_jsonl(tmp_path / "sp.jsonl", [{"prompt": "Say yes: ", "completion": "yes"}, SHOUT])
+    with caplog.at_level(logging.WARNING, logger="tessera.train"):
+        merged, fine = load_examples(f, tok)
+    prompt_ids = tok("Say yes: ").input_ids
+    assert merged.input_ids[:len(prompt_ids)] != prompt_ids
+    assert merged.input_ids == tok("Say yes: yes").input_ids + [tok.eos_token_id]
+    assert merged.labels[:len(prompt_ids)] == [IGNORE] * len(prompt_ids)  # TRL's mask: after the prompt's length
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "1 row (sp.jsonl:1) tokenize differently" in warning and "sp.jsonl:2" not in warning
+
+
+def test_the_rendering_of_each_row_form_is_described(tok, tmp_path):
+    f = write_jsonl(tmp_path / "all.jsonl", [
+        SHOUT, {"instruction": "Add", "output": "5"}, {"text": "Hello."},
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]},
+        {"prompt": [{"role": "user", "content": "Hi"}], "completion": [{"role": "assistant", "content": "Hello!"}]}])
+    exs = load_examples(f, tok)
+    assert [e.form for e in exs] == ["prompt/completion", "instruction/output", "text", "messages",
+                                     "conversational prompt/completion"]
+    auto = training_format(exs, "auto", tok)
+    assert auto["template"] == "auto" and auto["eos_token"] == "<|im_end|>"
+    assert {k: (v["examples"], v["rendering"]) for k, v in auto["rows"].items()} == {
+        "text": (1, "plain"), "prompt/completion": (1, "plain"), "instruction/output": (1, "alpaca"),
+        "messages": (1, "chat"), "conversational prompt/completion": (1, "chat")}
+    assert auto["rows"]["prompt/completion"]["description"] == (
+        "prompt/completion rows: plain text, no chat template (TRL's convention): prompt + completion + eos; "
+        "serve them with the raw prompt; use --template chat to apply the chat template")
+    chat = training_format(exs, "chat", tok)["rows"]
+    assert [chat[k]["rendering"] for k in ("prompt/completion", "instruction/output", "messages")] == ["chat"] * 3
+    assert "(--template chat); serve them with messages" in chat["prompt/completion"]["description"]
+    assert describe("instruction/output", "auto").startswith('instruction/input/output rows: the Alpaca prompt')
+    assert describe("prompt/completion", "plain").startswith("prompt/completion rows: plain text, no chat "
+                                                             "template (--template plain)")
 
 
 def test_text_rows(tok, tmp_path):
@@ -146,11 +220,12 @@ def test_train_on_prompt(tok, tmp_path):
     f = write_jsonl(tmp_path / "x.jsonl", [
         {"prompt": "Say hi.", "completion": "hi"},
         {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]},
+        {"prompt": [{"role": "user", "content": "Hi"}], "completion": [{"role": "assistant", "content": "Hello!"}]},
         {"messages": [{"role": "user", "content": "no answer"}]}])
-    for template in ("chat", "alpaca", "plain"):
+    for template in TEMPLATES:
         for ex in load_examples(f, tok, template=template, train_on_prompt=True):
             assert ex.labels == ex.input_ids
-    with pytest.raises(DataError, match=r"x\.jsonl:3: no assistant message"):
+    with pytest.raises(DataError, match=r"x\.jsonl:4: no assistant message"):
         load_examples(f, tok)  # without train_on_prompt a conversation without an assistant has no loss
 
 
@@ -166,7 +241,7 @@ def test_truncation(tok, tmp_path):
                                               {"prompt": long_prompt, "completion": "ok"}])
     with pytest.raises(DataError) as e:
         load_examples(f2, tok, template="plain", max_length=8)
-    n = len(tok(long_prompt).input_ids + tok("ok", add_special_tokens=False).input_ids) + 1
+    n = len(tok(long_prompt + "ok").input_ids) + 1  # prompt + completion tokenized together, then eos
     assert e.value.problems == [
         f"tr2.jsonl:2: no completion tokens left after truncation to 8 (the row has {n} tokens)"]
     with pytest.raises(ValueError):
@@ -211,12 +286,17 @@ def test_every_bad_row_in_one_error(tok, tmp_path):
             {"messages": [{"role": "user", "content": ["parts"]}]},                   # 13
             {"instruction": "x", "output": "   "},                                    # 14
             {"prompt": "x", "completion": "y", "input": 3},                           # 15
-            {"text": "also fine"}]                                                    # 16
+            {"text": "also fine"},                                                    # 16
+            {"prompt": [{"role": "user", "content": "x"}], "completion": "y"},         # 17
+            {"prompt": [{"role": "user", "content": "x"}], "completion": [{"role": "bot", "content": "y"}]},  # 18
+            {"prompt": [{"role": "user", "content": "x"}], "input": "z",
+             "completion": [{"role": "assistant", "content": "y"}]},                  # 19
+            {"prompt": [{"role": "user", "content": "x"}]}]                           # 20
     f = write_jsonl(tmp_path / "bad.jsonl", rows)
     with pytest.raises(DataError) as e:
         load_examples(f, tok)
     problems = e.value.problems
-    assert [int(p.split(":")[1]) for p in problems] == [2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 13, 14, 15]
+    assert [int(p.split(":")[1]) for p in problems] == [2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 17, 18, 19, 20]
     reasons = dict(p.split(": ", 1) for p in problems)
     assert reasons["bad.jsonl:2"].startswith("invalid JSON")
     assert reasons["bad.jsonl:3"] == "not a JSON object but an array"
@@ -232,8 +312,13 @@ def test_every_bad_row_in_one_error(tok, tmp_path):
     assert reasons["bad.jsonl:13"] == "messages[0]: content is an array, not a string"
     assert reasons["bad.jsonl:14"] == "empty 'output'"
     assert reasons["bad.jsonl:15"] == "field 'input' must be a string, not a number"
+    assert reasons["bad.jsonl:17"] == ("'prompt' and 'completion' must both be strings (plain text) or both arrays "
+                                       "of messages (conversational)")
+    assert reasons["bad.jsonl:18"] == "completion[0]: role 'bot' is not one of system, user, assistant"
+    assert reasons["bad.jsonl:19"] == "field 'input' goes with a string prompt, not with messages"
+    assert reasons["bad.jsonl:20"] == "missing field 'completion'"
     message = str(e.value)
-    assert message.startswith(f"{f}: 13 bad rows:\n") and all(p in message for p in problems)
+    assert message.startswith(f"{f}: 17 bad rows:\n") and all(p in message for p in problems)
 
 
 def test_many_bad_rows_are_summarized(tok, tmp_path):
@@ -354,19 +439,25 @@ def test_demo_dataset_content(tok):
     pairs = {}
     for name, rs in rows.items():
         pairs[name] = set()
-        for r in rs:
+        for r in rs:  # TRL's conversational prompt-completion: one user message, one assistant message
             assert set(r) == {"prompt", "completion"}
-            assert r["prompt"].startswith("Extract name, age and city as JSON: ") and r["prompt"].isascii()
-            target = json.loads(r["completion"])
+            [user], [assistant] = r["prompt"], r["completion"]
+            assert (user["role"], assistant["role"]) == ("user", "assistant")
+            prompt, completion = user["content"], assistant["content"]
+            assert prompt.startswith("Extract name, age and city as JSON: ") and prompt.isascii()
+            target = json.loads(completion)
             assert list(target) == ["name", "age", "city"]
-            assert r["completion"] == json.dumps(target)  # one line, ", " and ": " separators
+            assert completion == json.dumps(target)  # one line, ", " and ": " separators
             assert isinstance(target["age"], int) and 18 <= target["age"] <= 90
-            assert all(str(v) in r["prompt"] for v in target.values())
+            assert all(str(v) in prompt for v in target.values())
             pairs[name].add((target["name"], target["city"]))
     assert len(pairs["valid"]) == 40 and not pairs["valid"] & pairs["train"]  # held-out combinations
     assert len({n for n, _ in pairs["train"]}) >= 50 and len({c for _, c in pairs["train"]}) >= 35
     for name in ("train", "valid"):
-        exs = load_examples(DEMO / f"{name}.jsonl", tok, template="chat", max_length=128)
+        exs = load_examples(DEMO / f"{name}.jsonl", tok, max_length=128)
         assert max(len(e.input_ids) for e in exs) < 128  # short prompts: nothing truncated
-        for e, r in zip(exs, rows[name]):
-            assert tok.decode([t for t in e.labels if t != IGNORE]) == r["completion"] + "<|im_end|>\n"
+        for e, r in zip(exs, rows[name]):  # the chat template, as the server renders messages
+            n = len(render_prompt(tok, r["prompt"]))
+            assert e.input_ids[:n] == tok.apply_chat_template(r["prompt"], add_generation_prompt=True,
+                                                              return_dict=False)
+            assert tok.decode(e.labels[n:]) == r["completion"][0]["content"] + "<|im_end|>\n"

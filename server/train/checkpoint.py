@@ -2,6 +2,8 @@
 
 Adapter directory (what PEFT's `PeftModel.from_pretrained` and the server's LoadAdapter read):
     adapter_config.json, adapter_model.safetensors (fp32, metadata {"format": "pt"})
+    tessera_training.json   how the training rows were rendered (chat template or plain text), per row form,
+                            so a user sees how to prompt the adapter; PEFT and the server ignore it
 Checkpoint directory `checkpoint-<step>/` = the adapter files plus, all in safetensors/JSON (nothing
 is ever unpickled on resume):
     trainer_params.safetensors   every trainable parameter by name (e.g. the prefix MLP, not only its output)
@@ -21,16 +23,21 @@ from safetensors.torch import save_file
 from loader.lora import CONFIG_FILE, WEIGHTS_FILE
 
 STATE_FILE = "trainer_state.json"
+TRAINING_FILE = "tessera_training.json"
 
 
-def save_adapter(adapter, out: Path) -> None:
+def save_adapter(adapter, out: Path, training: dict | None = None) -> None:
+    """training: data.training_format(), written to TRAINING_FILE beside the PEFT files."""
     out.mkdir(parents=True, exist_ok=True)
     (out / CONFIG_FILE).write_text(json.dumps(adapter.peft_config(), indent=2, sort_keys=True) + "\n")
     save_file(adapter.peft_tensors(), str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    if training is not None:
+        (out / TRAINING_FILE).write_text(json.dumps(training, indent=2) + "\n")
 
 
-def save_checkpoint(out: Path, adapter, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    save_adapter(adapter, out)
+def save_checkpoint(out: Path, adapter, optimizer: torch.optim.Optimizer, state: dict,
+                    training: dict | None = None) -> None:
+    save_adapter(adapter, out, training)
     params = {n: p.detach().cpu().contiguous() for n, p in adapter.named_parameters()}
     save_file(params, str(out / "trainer_params.safetensors"))
     names = {id(p): n for n, p in adapter.named_parameters()}

@@ -30,15 +30,20 @@ def parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("what to train")
     g.add_argument("--method", required=True, choices=None, help=f"one of {', '.join(METHODS)}")
     g.add_argument("--model", default=S, help="HF model directory or .gguf file (default: the embedded SmolLM2)")
-    g.add_argument("--data", required=True, help="training data: JSONL or CSV with text, prompt/completion, "
-                   "instruction/input/output, or chat messages")
+    g.add_argument("--data", required=True, help="training data: JSONL or CSV rows with text, prompt/completion, "
+                   "instruction/input/output, chat messages, or prompt/completion as lists of messages")
     g.add_argument("--output", "--output-dir", dest="output", required=True,
                    help="where the PEFT adapter (and checkpoint-N/) go")
     g.add_argument("--validation-file", default=S, help="held-out data in the same formats")
     g.add_argument("--validation-split", type=float, default=S, help="fraction held out when there is no "
                    "validation file (default 0.1)")
-    g.add_argument("--template", choices=TEMPLATES, default=S, help="prompt/completion rendering: chat template "
-                   "(auto when the tokenizer has one), alpaca (### Instruction / ### Input / ### Response), plain")
+    g.add_argument("--template", choices=TEMPLATES, default=S, help="how string prompt/completion and "
+                   "instruction/output rows are rendered. auto (default; TRL's rule): prompt/completion as plain text, "
+                   "prompt + completion + eos with no chat template (serve the adapter with the raw prompt), "
+                   "instruction/output with the alpaca prompt; chat: the chat template, user = prompt, assistant = "
+                   "completion (serve with messages); alpaca: ### Instruction / ### Input / ### Response; plain: "
+                   "prompt + completion + eos. messages rows and prompt/completion rows of message lists always use "
+                   "the chat template, text rows never. The adapter's tessera_training.json records which was used")
     g.add_argument("--max-length", type=int, default=S, help="truncate examples to this many tokens (512)")
     g.add_argument("--train-on-prompt", action="store_true", default=S, help="loss on prompt tokens too "
                    "(default: completion / assistant tokens only)")

@@ -1,24 +1,34 @@
 """The trainer's data: JSONL/CSV rows -> token ids with labels (IGNORE where no loss), splits, batches.
 
-Row shapes, detected per row (other fields are ignored):
-  {"text": str}                                         loss on every token; the tokenizer's eos is appended
-  {"prompt": str, "completion": str, "input"?: str}     loss on the completion
-  {"instruction": str, "input"?: str, "output": str}    (Alpaca) the same as prompt/completion
+Row forms, detected per row (other fields are ignored). As in TRL's SFTTrainer, only conversational rows
+(lists of messages) go through the chat template; standard rows (strings) are tokenized as plain text:
+  {"text": str}                                         plain text + eos; loss on every token
+  {"prompt": str, "completion": str, "input"?: str}     plain text: tokenizer(prompt + completion) + eos,
+                                                        loss on the completion and eos
+  {"instruction": str, "input"?: str, "output": str}    (Alpaca) the Alpaca prompt, then output + eos
   {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
-                                                        loss on the assistant turns; needs a chat template
+                                                        chat template; loss on the assistant turns
+  {"prompt": [message, ...], "completion": [message, ...]}
+                                                        (conversational prompt/completion) chat template;
+                                                        loss on what the completion adds after the prompt
 Files: .jsonl/.json (one object a line, blank lines skipped) or .csv (header row; an empty cell counts as absent).
 
-Prompt/completion templates:
+Templates (--template) for the string rows, prompt/completion and instruction/output:
+  "auto"   TRL's rule: prompt/completion "plain", instruction/output "alpaca" (its fields are Alpaca's).
+  "plain"  the prompt text, then the completion text and eos (no separator is added).
+  "alpaca" "### Instruction:\n{prompt}\n\n### Input:\n{input}\n\n### Response:\n" (no Input block without
+           an input), then the completion and eos.
   "chat"   user=prompt, assistant=completion through the tokenizer's chat template. The prompt ids are
            render_prompt(); the completion ids are what the full two-message rendering adds after them,
            i.e. the completion text *and* the template's end of turn (SmolLM2: "<|im_end|>" and "\n").
-  "alpaca" "### Instruction:\n{prompt}\n\n### Input:\n{input}\n\n### Response:\n" (no Input block without
-           an input), then the completion and eos.
-  "plain"  the prompt text, then the completion text and eos (no separator is added).
-  "auto"   "chat" when the tokenizer has a chat template, else "plain".
-The prompt is tokenized as tokenizer(prompt) does it (with its special tokens, e.g. a BOS), the completion
-separately with add_special_tokens=False, so the prompt ids are exactly what render_prompt() gives for
-inference. With "chat" and "plain", an "input" field is appended to the prompt after a blank line.
+Text and conversational rows ignore it. With "plain" and "chat", an "input" field is appended to the prompt
+after a blank line.
+
+Plain text is tokenized as TRL does it: the prompt alone as tokenizer(prompt) (with its special tokens, e.g.
+a BOS: the ids the server's raw `prompt` gives), the whole row as tokenizer(prompt + completion) and the
+tokenizer's eos after it (unless the completion already ends with the eos text); the loss starts after the
+prompt's own tokens. Where the prompt's last token merges with the completion's first (a prompt ending in a
+space), the row trains on tokens a served prompt does not produce: load_examples warns about those rows.
 
 Messages: the labels of assistant message i are the tokens that rendering messages[:i+1] adds after rendering
 messages[:i] with add_generation_prompt=True: its content and end of turn, not the assistant header.
@@ -30,9 +40,12 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -43,10 +56,15 @@ MAX_REPORTED = 20
 
 _ACCEPTED = ('{"text": ...}, {"prompt": ..., "completion": ..., "input"?: ...}, '
              '{"instruction": ..., "input"?: ..., "output": ...}, '
-             '{"messages": [{"role": ..., "content": ...}, ...]}')
+             '{"messages": [{"role": ..., "content": ...}, ...]}, '
+             '{"prompt": [messages], "completion": [messages]}')
 # which fields say which shape a row has
 _SHAPES = {"messages": ("messages",), "text": ("text",), "prompt/completion": ("prompt", "completion"),
            "instruction/output": ("instruction", "output")}
+# Example.form: the shape, with prompt/completion split into strings (standard) and message lists (conversational)
+FORMS = ("text", "prompt/completion", "instruction/output", "messages", "conversational prompt/completion")
+
+log = logging.getLogger("tessera.train")
 
 
 @dataclass
@@ -54,6 +72,7 @@ class Example:
     input_ids: list[int]
     labels: list[int]  # same length; IGNORE where no loss
     source: str        # "file.jsonl:17"
+    form: str = "text"  # one of FORMS
 
 
 class DataError(ValueError):
@@ -66,6 +85,62 @@ class DataError(ValueError):
 
 class _RowError(Exception):
     """One row's problem; load_examples adds the file:line."""
+
+
+class _Row(NamedTuple):
+    form: str
+    ids: list[int]
+    labels: list[int]
+    merged: bool = False  # plain text whose prompt tokens are not a prefix of its prompt + completion tokens
+
+
+# ---------------------------------------------------------------------------------------------- templates
+
+def rendering(form: str, template: str) -> str:
+    """How rows of `form` are rendered under --template `template`: "chat", "alpaca" or "plain"."""
+    if form in ("messages", "conversational prompt/completion"):
+        return "chat"
+    if form == "text":
+        return "plain"
+    if template == "auto":  # TRL's rule: strings stay plain text; Alpaca's fields get Alpaca's prompt
+        return "alpaca" if form == "instruction/output" else "plain"
+    return template
+
+
+def describe(form: str, template: str) -> str:
+    """One line for the training log and the adapter's tessera_training.json: how rows of `form` are rendered
+    and how to prompt the adapter for them."""
+    if form == "text":
+        return "text rows: plain text and eos"
+    if form == "messages":
+        return "messages rows: the chat template; serve them with messages"
+    if form == "conversational prompt/completion":
+        return "conversational prompt/completion rows: the chat template (TRL's convention); serve them with messages"
+    name = "prompt/completion rows" if form == "prompt/completion" else "instruction/input/output rows"
+    how = rendering(form, template)
+    if template != "auto":
+        why = f"--template {template}"
+    else:
+        why = "TRL's convention" if how == "plain" else "Alpaca's fields get Alpaca's prompt"
+    if how == "chat":
+        return (f"{name}: the chat template, user = prompt, assistant = completion ({why}); "
+                "serve them with messages")
+    if how == "plain":
+        return (f"{name}: plain text, no chat template ({why}): prompt + completion + eos; serve them with the "
+                "raw prompt; use --template chat to apply the chat template")
+    return (f"{name}: the Alpaca prompt \"### Instruction:\\n...\\n\\n### Response:\\n\", no chat template ({why}), "
+            "then the completion and eos; serve them with that raw prompt; use --template chat to apply the chat "
+            "template")
+
+
+def training_format(examples: list[Example], template: str, tokenizer, train_on_prompt: bool = False) -> dict:
+    """What the adapter's tessera_training.json records: the flags, and per row form present its count,
+    rendering and description."""
+    counts = Counter(e.form for e in examples)
+    return {"template": template, "train_on_prompt": train_on_prompt,
+            "eos_token": getattr(tokenizer, "eos_token", None),
+            "rows": {form: {"examples": counts[form], "rendering": rendering(form, template),
+                            "description": describe(form, template)} for form in FORMS if counts[form]}}
 
 
 # ---------------------------------------------------------------------------------------------- tokenizing
@@ -88,9 +163,12 @@ def _encode(tokenizer, text: str, special: bool) -> list[int]:
     return _as_ids(tokenizer(text, add_special_tokens=special))
 
 
-def _eos(tokenizer) -> list[int]:
-    eos = getattr(tokenizer, "eos_token_id", None)
-    return [] if eos is None else [int(eos)]
+def _eos_after(tokenizer, text: str) -> list[int]:
+    """The eos id to append after `text`: none when there is no eos or the text already ends with it (TRL's add_eos)."""
+    eos, eos_token = getattr(tokenizer, "eos_token_id", None), getattr(tokenizer, "eos_token", None)
+    if eos is None or (eos_token and text.endswith(eos_token)):
+        return []
+    return [int(eos)]
 
 
 def _has_chat_template(tokenizer) -> bool:
@@ -106,15 +184,12 @@ def _chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool) -> l
     return _as_ids(out)
 
 
-def _resolve_template(tokenizer, template: str) -> str:
+def _check_template(tokenizer, template: str) -> None:
     if template not in TEMPLATES:
         raise ValueError(f"unknown template {template!r}; expected one of {', '.join(TEMPLATES)}")
-    if template == "auto":
-        return "chat" if _has_chat_template(tokenizer) else "plain"
     if template == "chat" and not _has_chat_template(tokenizer):
         raise DataError("template 'chat' needs a tokenizer with a chat template, and this one has none "
-                        "(use 'alpaca' or 'plain')")
-    return template
+                        "(use 'auto', 'alpaca' or 'plain')")
 
 
 def _joined(prompt: str, input: str | None) -> str:
@@ -127,38 +202,62 @@ def _alpaca_text(prompt: str, input: str | None) -> str:
     return f"### Instruction:\n{prompt}\n\n### Response:\n"
 
 
-def _prompt_ids(tokenizer, prompt: str, template: str, input: str | None) -> list[int]:
-    """template: already resolved."""
-    if template == "chat":
-        return _chat_ids(tokenizer, [{"role": "user", "content": _joined(prompt, input)}], True)
-    if template == "alpaca":
-        return _encode(tokenizer, _alpaca_text(prompt, input), True)
-    return _encode(tokenizer, _joined(prompt, input), True)
+def _prompt_text(prompt: str, how: str, input: str | None) -> str:
+    """how: "alpaca" or "plain"."""
+    return _alpaca_text(prompt, input) if how == "alpaca" else _joined(prompt, input)
 
 
-def render_prompt(tokenizer, prompt: str, template: str, *, input: str | None = None) -> list[int]:
+def _user(prompt: str, input: str | None) -> list[dict]:
+    return [{"role": "user", "content": _joined(prompt, input)}]
+
+
+def render_prompt(tokenizer, prompt: str | list[dict], template: str = "auto", *,
+                  input: str | None = None) -> list[int]:
     """The token ids the trainer uses as the prompt of a prompt/completion row (send these at inference).
 
+    A list of messages (a conversational row): apply_chat_template(prompt, add_generation_prompt=True).
+    A string, as `template` renders a prompt/completion row: "auto" and "plain": tokenizer(prompt), what the
+    server's raw `prompt` gives; "alpaca": the Alpaca prompt (what "auto" gives an instruction/output row);
     "chat": apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True).
     """
-    template = _resolve_template(tokenizer, template)
+    _check_template(tokenizer, template)
     try:
-        return _prompt_ids(tokenizer, prompt, template, input)
+        if isinstance(prompt, list):
+            if not _has_chat_template(tokenizer):
+                raise _RowError("a prompt of messages needs a tokenizer with a chat template, and this one has none")
+            return _chat_ids(tokenizer, prompt, True)
+        how = rendering("prompt/completion", template)
+        if how == "chat":
+            return _chat_ids(tokenizer, _user(prompt, input), True)
+        return _encode(tokenizer, _prompt_text(prompt, how, input), True)
     except _RowError as e:
         raise DataError(str(e)) from None
 
 
-def _completion_ids(tokenizer, prompt: str, completion: str, template: str, input: str | None,
-                    prompt_ids: list[int]) -> list[int]:
-    if template != "chat":
-        return _encode(tokenizer, completion, False) + _eos(tokenizer)
-    full = _chat_ids(tokenizer, [{"role": "user", "content": _joined(prompt, input)},
-                                 {"role": "assistant", "content": completion}], False)
+def _chat_completion(tokenizer, prompt: list[dict], completion: list[dict]) -> tuple[list[int], int]:
+    """-> (ids of prompt + completion, number of prompt ids), the prompt rendered with the generation prompt."""
+    prompt_ids = _chat_ids(tokenizer, prompt, True)
+    full = _chat_ids(tokenizer, prompt + completion, False)
     if len(full) <= len(prompt_ids) or full[:len(prompt_ids)] != prompt_ids:
         raise _RowError("the chat template's rendering of prompt + completion does not start with its rendering "
-                        "of the prompt alone, so the completion tokens cannot be told apart "
-                        "(try template 'alpaca' or 'plain')")
-    return full[len(prompt_ids):]
+                        "of the prompt alone, so the completion tokens cannot be told apart")
+    return full, len(prompt_ids)
+
+
+def _standard(tokenizer, prompt: str, completion: str, how: str, input: str | None) -> tuple[list[int], int, bool]:
+    """A string prompt/completion -> (ids, number of prompt ids, whether the prompt's ids are a prefix of ids).
+
+    Plain and Alpaca as TRL tokenizes standard rows: tokenizer(prompt) and tokenizer(prompt + completion) + eos."""
+    if how == "chat":
+        try:
+            ids, n = _chat_completion(tokenizer, _user(prompt, input), [{"role": "assistant", "content": completion}])
+        except _RowError as e:
+            raise _RowError(f"{e} (try template 'auto', 'alpaca' or 'plain')") from None
+        return ids, n, True
+    text = _prompt_text(prompt, how, input)
+    prompt_ids = _encode(tokenizer, text, True)
+    ids = _encode(tokenizer, text + completion, True) + _eos_after(tokenizer, completion)
+    return ids, len(prompt_ids), ids[:len(prompt_ids)] == prompt_ids
 
 
 # ------------------------------------------------------------------------------------------------ rows
@@ -208,23 +307,23 @@ def _string(row: dict, key: str, *, optional: bool = False) -> str | None:
     return value
 
 
-def _messages(row: dict) -> list[dict]:
-    messages = row["messages"]
+def _messages(row: dict, key: str = "messages") -> list[dict]:
+    messages = row[key]
     if not isinstance(messages, list):
-        raise _RowError(f"field 'messages' must be an array, not {_json_type(messages)}")
+        raise _RowError(f"field {key!r} must be an array, not {_json_type(messages)}")
     if not messages:
-        raise _RowError("empty 'messages'")
+        raise _RowError(f"empty {key!r}")
     out = []
     for j, m in enumerate(messages):
         if not isinstance(m, dict):
-            raise _RowError(f"messages[{j}] must be an object, not {_json_type(m)}")
+            raise _RowError(f"{key}[{j}] must be an object, not {_json_type(m)}")
         role, content = m.get("role"), m.get("content")
         if role not in ROLES:
             got = "missing" if "role" not in m else repr(role)
-            raise _RowError(f"messages[{j}]: role {got} is not one of {', '.join(ROLES)}")
+            raise _RowError(f"{key}[{j}]: role {got} is not one of {', '.join(ROLES)}")
         if not isinstance(content, str):
             got = "missing" if "content" not in m else f"{_json_type(content)}, not a string"
-            raise _RowError(f"messages[{j}]: content is {got}")
+            raise _RowError(f"{key}[{j}]: content is {got}")
         out.append({"role": role, "content": content})
     return out
 
@@ -248,26 +347,51 @@ def _chat_example(tokenizer, messages: list[dict], train_on_prompt: bool) -> tup
     return full, labels
 
 
-def _row_example(tokenizer, row: dict, template: str, train_on_prompt: bool) -> tuple[list[int], list[int]]:
+def _conversational(row: dict) -> bool:
+    """A prompt/completion row of message lists (TRL's conversational prompt-completion)."""
+    lists = [isinstance(row.get(k), list) for k in ("prompt", "completion")]
+    if not any(lists):
+        return False
+    for k in ("prompt", "completion"):
+        if k not in row:
+            raise _RowError(f"missing field {k!r}")
+    if not all(lists):
+        raise _RowError("'prompt' and 'completion' must both be strings (plain text) or both arrays of messages "
+                        "(conversational)")
+    if _present(row, "input"):
+        raise _RowError("field 'input' goes with a string prompt, not with messages")
+    return True
+
+
+def _with_labels(form: str, ids: list[int], n_prompt: int, train_on_prompt: bool, merged: bool = False) -> _Row:
+    labels = list(ids) if train_on_prompt else [IGNORE] * n_prompt + ids[n_prompt:]
+    return _Row(form, ids, labels, merged)
+
+
+def _row_example(tokenizer, row: dict, template: str, train_on_prompt: bool) -> _Row:
     kind = _shape(row)
     if kind == "text":
-        ids = _encode(tokenizer, _string(row, "text"), True) + _eos(tokenizer)
-        return ids, list(ids)
+        text = _string(row, "text")
+        ids = _encode(tokenizer, text, True) + _eos_after(tokenizer, text)
+        return _Row("text", ids, list(ids))
     if kind == "messages":
         messages = _messages(row)
         if not _has_chat_template(tokenizer):
             raise _RowError("a messages row needs a tokenizer with a chat template, and this one has none")
-        return _chat_example(tokenizer, messages, train_on_prompt)
+        return _Row("messages", *_chat_example(tokenizer, messages, train_on_prompt))
+    if kind == "prompt/completion" and _conversational(row):
+        form = "conversational prompt/completion"
+        prompt, completion = _messages(row, "prompt"), _messages(row, "completion")
+        if not _has_chat_template(tokenizer):
+            raise _RowError(f"a {form} row needs a tokenizer with a chat template, and this one has none")
+        return _with_labels(form, *_chat_completion(tokenizer, prompt, completion), train_on_prompt)
     if kind == "prompt/completion":
         prompt, completion = _string(row, "prompt"), _string(row, "completion")
     else:
         prompt, completion = _string(row, "instruction"), _string(row, "output")
     input = _string(row, "input", optional=True)
-    prompt_ids = _prompt_ids(tokenizer, prompt, template, input)
-    completion_ids = _completion_ids(tokenizer, prompt, completion, template, input, prompt_ids)
-    ids = prompt_ids + completion_ids
-    labels = list(ids) if train_on_prompt else [IGNORE] * len(prompt_ids) + completion_ids
-    return ids, labels
+    ids, n_prompt, prefix = _standard(tokenizer, prompt, completion, rendering(kind, template), input)
+    return _with_labels(kind, ids, n_prompt, train_on_prompt, merged=not prefix)
 
 
 # ----------------------------------------------------------------------------------------------- files
@@ -348,7 +472,7 @@ def load_examples(path: str | Path, tokenizer, *, template: str = "auto", max_le
     path = Path(path)
     if max_length < 1:
         raise ValueError(f"max_length must be at least 1, not {max_length}")
-    template = _resolve_template(tokenizer, template)
+    _check_template(tokenizer, template)
     if not path.exists():
         raise DataError(f"{path}: no such file")
     if not path.is_file():
@@ -363,13 +487,14 @@ def load_examples(path: str | Path, tokenizer, *, template: str = "auto", max_le
                         "expected .jsonl or .json (JSON Lines) or .csv")
     if not rows:
         raise DataError(f"{path}: no rows (the file is empty)")
-    examples, problems = [], []
+    examples, problems, merged = [], [], []
     for line_no, row in rows:
         where = f"{path.name}:{line_no}"
         try:
             if isinstance(row, _RowError):
                 raise row
-            ids, labels = _row_example(tokenizer, row, template, train_on_prompt)
+            r = _row_example(tokenizer, row, template, train_on_prompt)
+            ids, labels = r.ids, r.labels
             if all(t == IGNORE for t in labels):
                 raise _RowError("no tokens to train on")
             if len(ids) > max_length:
@@ -381,9 +506,18 @@ def load_examples(path: str | Path, tokenizer, *, template: str = "auto", max_le
         except _RowError as e:
             problems.append(f"{where}: {e}")
             continue
-        examples.append(Example(ids, labels, where))
+        if r.merged:
+            merged.append(where)
+        examples.append(Example(ids, labels, where, r.form))
     if problems:
         raise _bad_rows(path, problems)
+    if merged:
+        log.warning("%s: %d row%s (%s) tokenize differently where the prompt meets the completion than the prompt "
+                    "alone: the prompt's last token merges with the completion's first (e.g. a prompt that ends in a "
+                    "space). As in TRL, the loss starts after the prompt's own tokens, but a served prompt ends in a "
+                    "token that training never continued: end the prompt before the space and start the completion "
+                    "with it.", path, len(merged), "s" if len(merged) != 1 else "",
+                    ", ".join(merged[:3]) + (", ..." if len(merged) > 3 else ""))
     return examples
 
 

@@ -112,6 +112,10 @@ def train(cfg: TrainConfig) -> dict:
                                    train_on_prompt=cfg.train_on_prompt)
     else:
         train_ex, valid_ex = D.split_validation(examples, cfg.validation_split, cfg.seed)
+    rendered = D.training_format(train_ex + valid_ex, cfg.template, tok, cfg.train_on_prompt)
+    if main:  # how each row form is rendered, so nobody has to guess how to prompt the adapter
+        for row in rendered["rows"].values():
+            log.info("%s", row["description"])
     model, loaded = load_model(cfg, device)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (loaded.config.eos_token_ids or [0])[0]
     base_name = loaded.source if cfg.model is None else cfg.model
@@ -180,7 +184,7 @@ def train(cfg: TrainConfig) -> dict:
                 log.info(json.dumps(entry))
             if main and cfg.save_steps and step % cfg.save_steps == 0:
                 save_checkpoint(out / f"checkpoint-{step}", adapter, optimizer,
-                                {"global_step": step, "log_history": history, "config": cfg.to_dict()})
+                                {"global_step": step, "log_history": history, "config": cfg.to_dict()}, rendered)
             if step >= total:
                 break
         epoch += 1
@@ -189,7 +193,7 @@ def train(cfg: TrainConfig) -> dict:
               "first_eval_loss": next((h["eval_loss"] for h in history if h["step"] == 0), None),
               "final_eval_loss": history[-1].get("eval_loss") if history else None}
     if main:
-        save_adapter(adapter, out)
+        save_adapter(adapter, out, rendered)
         (out / "trainer_state.json").write_text(json.dumps({**result, "config": cfg.to_dict()}, indent=2) + "\n")
         print(f"saved the {cfg.method} adapter to {out} ({step} steps in {result['train_seconds']:.0f}s, "
               f"eval loss {result['first_eval_loss']} -> {result['final_eval_loss']})", flush=True)

@@ -5,6 +5,9 @@
 Prompt:     Extract name, age and city as JSON: Maria is 34 years old and lives in Lisbon.
 Completion: {"name": "Maria", "age": 34, "city": "Lisbon"}      (keys in this order; json.dumps separators)
 
+Rows are TRL's conversational prompt-completion form, {"prompt": [user message], "completion": [assistant
+message]}, so the trainer renders them with the chat template and the adapter is served with messages.
+
 Deterministic (seeded; stdlib only). 200 rows -> train.jsonl, 40 -> valid.jsonl; no validation row's
 (name, city) pair occurs in train. Each sentence template is used equally often on both sides. ASCII only.
 """
@@ -67,7 +70,8 @@ def row(rng: random.Random, template: str, name: str, city: str) -> dict:
     age = rng.randint(18, 90)
     sentence = template.format(name=name, city=city, age=age, a_ordinal=with_article(age), job=rng.choice(JOBS))
     completion = json.dumps({"name": name, "age": age, "city": city})
-    return {"prompt": f"{INSTRUCTION} {sentence}", "completion": completion}
+    return {"prompt": [{"role": "user", "content": f"{INSTRUCTION} {sentence}"}],
+            "completion": [{"role": "assistant", "content": completion}]}
 
 
 def make(seed: int = SEED) -> tuple[list[dict], list[dict]]:
