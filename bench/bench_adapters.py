@@ -11,25 +11,21 @@ and from host memory (copy into pool pages after an eviction).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from loader.lora import module_dims  # noqa: E402
+from loader.lora import module_dims, random_lora, save_adapter  # noqa: E402
 from server.config import EngineConfig  # noqa: E402
 from server.engine.engine import LLMEngine  # noqa: E402
 from server.engine.request import GenerateRequest, SamplingParams  # noqa: E402
 
 CACHE = Path(__file__).resolve().parent.parent / ".cache" / "bench-adapters"
-PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-          "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 
 
 def make_adapters(cfg, n: int, rank: int) -> list[str]:
@@ -41,18 +37,9 @@ def make_adapters(cfg, n: int, rank: int) -> list[str]:
         names.append(name)
         if (out / "adapter_model.safetensors").exists():
             continue
-        g = torch.Generator().manual_seed(i)
-        tensors = {}
-        for layer in range(cfg.num_hidden_layers):
-            for mod, (fin, fout) in module_dims(cfg).items():
-                key = f"base_model.model.model.layers.{layer}.{PARENT[mod]}.{mod}"
-                tensors[f"{key}.lora_A.weight"] = torch.randn(rank, fin, generator=g) / fin ** 0.5
-                tensors[f"{key}.lora_B.weight"] = torch.randn(fout, rank, generator=g) * 0.02
-        out.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-        (out / "adapter_config.json").write_text(json.dumps({
-            "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank,
-            "target_modules": sorted(PARENT), "bias": "none", "lora_dropout": 0.0}))
+        tensors = random_lora(cfg, rank, module_dims(cfg), torch.Generator().manual_seed(i), None, 0.02)
+        save_adapter(out, {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank,
+                           "target_modules": sorted(module_dims(cfg)), "bias": "none", "lora_dropout": 0.0}, tensors)
     return names
 
 
@@ -68,14 +55,11 @@ def make_prompt_adapters(cfg, n: int, kind: str, nvt: int = 16) -> list[str]:
         if (out / "adapter_model.safetensors").exists():
             continue
         g = torch.Generator().manual_seed(100 + i)
-        out.mkdir(parents=True, exist_ok=True)
-        save_file({"prompt_embeddings": torch.randn(nvt, width, generator=g) * (0.5 if kind == "prefix" else 0.05)},
-                  str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
         ptype = "PREFIX_TUNING" if kind == "prefix" else "PROMPT_TUNING"
-        (out / "adapter_config.json").write_text(json.dumps({
-            "peft_type": ptype, "task_type": "CAUSAL_LM", "num_virtual_tokens": nvt,
-            "token_dim": kv if kind == "prefix" else cfg.hidden_size, "num_transformer_submodules": 1,
-            "num_layers": cfg.num_hidden_layers}))
+        save_adapter(out, {"peft_type": ptype, "task_type": "CAUSAL_LM", "num_virtual_tokens": nvt,
+                           "token_dim": kv if kind == "prefix" else cfg.hidden_size, "num_transformer_submodules": 1,
+                           "num_layers": cfg.num_hidden_layers},
+                     {"prompt_embeddings": torch.randn(nvt, width, generator=g) * (0.5 if kind == "prefix" else 0.05)})
     return names
 
 

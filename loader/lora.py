@@ -70,6 +70,31 @@ def module_dims(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
             "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
 
 
+def random_lora(cfg: ModelConfig, rank: int, modules, generator: torch.Generator, a_std: float | None,
+                b_std: float) -> dict[str, torch.Tensor]:
+    """Random LoRA weights under PEFT's saved names, every layer x `modules` in that order (A then B):
+    warm-up, benchmarks and tests. a_std None: 1/sqrt(in_features)."""
+    dims, tensors = module_dims(cfg), {}
+    for layer in range(cfg.num_hidden_layers):
+        for mod in modules:
+            fan_in, fan_out = dims[mod]
+            key = f"base_model.model.model.layers.{layer}.{_PARENT[mod]}.{mod}"
+            a = torch.randn(rank, fan_in, generator=generator)
+            tensors[f"{key}.lora_A.weight"] = a / fan_in ** 0.5 if a_std is None else a * a_std
+            tensors[f"{key}.lora_B.weight"] = torch.randn(fan_out, rank, generator=generator) * b_std
+    return tensors
+
+
+def save_adapter(path: Path, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
+    """Write a PEFT adapter directory: adapter_config.json + adapter_model.safetensors."""
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    (path / CONFIG_FILE).write_text(json.dumps(config))
+    save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
+    return path
+
+
 def read_adapter_config(path: Path) -> dict:
     if not path.is_dir():
         raise AdapterLoadError("not_found", f"{path}: no such adapter directory")

@@ -4,7 +4,6 @@ message naming the field or the flag; the host tier never drops the adapter it j
 prompt-learning adapter whose prefix can never fit the KV budget is refused at load."""
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from pathlib import Path
@@ -16,7 +15,7 @@ from safetensors.torch import save_file
 from loader.adapter_errors import AdapterLoadError
 from loader.base import LoadedModel
 from loader.config import ModelConfig
-from loader.lora import module_dims
+from loader.lora import module_dims, random_lora, save_adapter
 from loader.names import expected_shapes
 from server.adapters.manager import AdapterManager
 from server.config import EngineConfig
@@ -52,26 +51,11 @@ def manager(model, root: Path, device: int = 8 << 20, host: int = 64 << 20) -> A
 
 
 # -- tiny adapters, written the way PEFT saves them --------------------------------------------------------------
-def _write(path: Path, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "adapter_config.json").write_text(json.dumps(config))
-    save_file(tensors, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
-    return path
-
-
 def lora(path: Path, rank: int = 2, targets=("q_proj", "v_proj"), seed: int = 0, **config) -> Path:
-    g = torch.Generator().manual_seed(seed)
-    dims = module_dims(CFG)
-    tensors = {}
-    for layer in range(CFG.num_hidden_layers):
-        for mod in targets:
-            fan_in, fan_out = dims[mod]
-            key = f"base_model.model.model.layers.{layer}.{PARENT[mod]}.{mod}"
-            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, fan_in, generator=g) * 0.1
-            tensors[f"{key}.lora_B.weight"] = torch.randn(fan_out, rank, generator=g) * 0.1
+    tensors = random_lora(CFG, rank, targets, torch.Generator().manual_seed(seed), 0.1, 0.1)
     cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank,
            "target_modules": list(targets)}
-    return _write(path, {**cfg, **config}, tensors)
+    return save_adapter(path, {**cfg, **config}, tensors)
 
 
 def prompt(path: Path, nvt: int = 4, kind: str = "PROMPT_TUNING", **config) -> Path:
@@ -82,7 +66,7 @@ def prompt(path: Path, nvt: int = 4, kind: str = "PROMPT_TUNING", **config) -> P
     if kind == "MULTITASK_PROMPT_TUNING":
         cfg.update(num_tasks=3, num_ranks=2)
         tensors.update(prefix_task_cols=torch.randn(3, nvt, 2), prefix_task_rows=torch.randn(3, 2, CFG.hidden_size))
-    return _write(path, {**cfg, **config}, tensors)
+    return save_adapter(path, {**cfg, **config}, tensors)
 
 
 def ia3(path: Path, **config) -> Path:
@@ -95,7 +79,7 @@ def ia3(path: Path, **config) -> Path:
             tensors[f"base_model.model.model.layers.{layer}.{PARENT[mod]}.{mod}.ia3_l"] = 1 + 0.1 * torch.randn(shape)
     cfg = {"peft_type": "IA3", "task_type": "CAUSAL_LM", "target_modules": ["k_proj", "v_proj", "down_proj"],
            "feedforward_modules": ["down_proj"]}
-    return _write(path, {**cfg, **config}, tensors)
+    return save_adapter(path, {**cfg, **config}, tensors)
 
 
 def adaption(path: Path, **config) -> Path:
@@ -104,7 +88,7 @@ def adaption(path: Path, **config) -> Path:
                f"base_model.model.model.layers.{top}.self_attn.adaption_gate": torch.tensor([0.5])}
     cfg = {"peft_type": "ADAPTION_PROMPT", "task_type": "CAUSAL_LM", "adapter_len": 3, "adapter_layers": 1,
            "target_modules": "self_attn"}
-    return _write(path, {**cfg, **config}, tensors)
+    return save_adapter(path, {**cfg, **config}, tensors)
 
 
 # -- item 3: malformed configs are "invalid" and name the field ---------------------------------------------------

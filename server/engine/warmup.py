@@ -7,17 +7,15 @@ sampler all run once. Nothing of it remains: the adapter is unloaded and its blo
 """
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from loader.adapter_errors import AdapterLoadError
-from loader.lora import module_dims
+from loader.lora import module_dims, random_lora, save_adapter
 from server.engine.request import GenerateRequest, SamplingParams
 
 log = logging.getLogger("tessera.engine")
@@ -26,18 +24,10 @@ WARMUP_ADAPTER = "tessera-warmup"
 
 
 def _write_lora(cfg, path: Path, rank: int = 4) -> None:
-    g = torch.Generator().manual_seed(0)
-    tensors = {}
-    for layer in range(cfg.num_hidden_layers):
-        for module, (d_in, d_out) in module_dims(cfg).items():
-            part = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-            key = f"base_model.model.model.layers.{layer}.{part}.{module}"
-            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, d_in, generator=g) * 0.01
-            tensors[f"{key}.lora_B.weight"] = torch.randn(d_out, rank, generator=g) * 0.01
-    save_file(tensors, str(path / "adapter_model.safetensors"))
-    (path / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "r": rank, "lora_alpha": rank, "target_modules": list(module_dims(cfg)),
-        "bias": "none", "task_type": "CAUSAL_LM"}))
+    modules = list(module_dims(cfg))
+    save_adapter(path, {"peft_type": "LORA", "r": rank, "lora_alpha": rank, "target_modules": modules,
+                        "bias": "none", "task_type": "CAUSAL_LM"},
+                 random_lora(cfg, rank, modules, torch.Generator().manual_seed(0), 0.01, 0.01))
 
 
 def warm_up(engine) -> float:
