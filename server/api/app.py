@@ -18,6 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from kernels import cpu_ext
+from loader.errors import ModelLoadError
 from proto import tessera_pb2 as pb
 from server.api.auth import Auth
 from server.api.service import InferenceService
@@ -25,7 +26,6 @@ from server.api.wire import add_inference_service
 from server.config import EngineConfig
 from server.engine.async_engine import AsyncEngine
 from server.engine.warmup import warm_up
-from loader.errors import ModelLoadError
 from server.metrics import Metrics
 
 log = logging.getLogger("tessera.server")
@@ -88,8 +88,8 @@ async def serve(engine_cfg: EngineConfig, cfg: ServerConfig) -> None:
     address = f"{cfg.host}:{cfg.port}"
     creds = _credentials(cfg)
     port = _bind(server, address, creds)  # before the model loads: a taken port fails in a second
-    holder: list[AsyncEngine] = []
-    metrics = Metrics(lambda: _engine_gauges(holder[0] if holder else None))
+    engine: AsyncEngine | None = None  # the gauges read it once it is loaded
+    metrics = Metrics(lambda: _engine_gauges(engine))
     if cfg.metrics_port is not None:
         mhost = cfg.metrics_host or cfg.host
         try:
@@ -105,7 +105,6 @@ async def serve(engine_cfg: EngineConfig, cfg: ServerConfig) -> None:
         metrics.close()
         raise SystemExit(f"cannot load the model: {exc}") from None
     cpu_ext.log_status()
-    holder.append(engine)
     await engine.start()
     engine.engine.adapters.observer = metrics
     service = InferenceService(engine, cfg.auth, metrics, engine_cfg.default_max_new_tokens)
