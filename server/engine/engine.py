@@ -222,8 +222,8 @@ class LLMEngine:
 
     # -- the step ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """One engine step. A problem of one sequence fails that sequence alone; a failure of the
-        forward pass (not attributable to one sequence) fails this step's sequences, nothing else."""
+        """One engine step. A problem of one sequence fails that sequence alone; a forward pass that raises
+        is rerun in halves (_execute) so that only the sequences that fail on their own end."""
         self.prefixes.collect(self._loaded_adapter)
         batch = self.scheduler.schedule()
         outputs = [self.fail(seq, msg) for seq, msg in batch.failed]
