@@ -25,7 +25,8 @@ def parse_bytes(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m server", description="Tessera: a multi-adapter LLM inference "
-                                 "server (gRPC service tessera.v1.Inference, health, reflection, Prometheus).",
+                                 "server (gRPC service tessera.v1.Inference, health, reflection; an OpenAI-compatible "
+                                 "HTTP API; Prometheus).",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     m = ap.add_argument_group("model")
     m.add_argument("--model", default=None, help="Hugging Face model directory (config.json + *.safetensors) or "
@@ -60,10 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
     s = ap.add_argument_group("network")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all interfaces)")
     s.add_argument("--port", type=int, default=50051, help="gRPC port")
+    s.add_argument("--http-port", type=int, default=8000,
+                   help="port of the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models, "
+                   "/health, /metrics) on --host; -1 disables it")
+    s.add_argument("--served-model-name", default=None,
+                   help="the base model's name in the HTTP API's `model` field and /v1/models (default: the model's "
+                   "own name, e.g. SmolLM2-135M-Instruct); any other `model` is an adapter id")
     s.add_argument("--metrics-port", type=int, default=9400, help="Prometheus /metrics port; -1 disables it")
     s.add_argument("--metrics-host", default=None, help="address of /metrics (default: --host)")
     s.add_argument("--max-message-bytes", type=parse_bytes, default=4 << 20,
-                   help="largest gRPC message; larger ones get RESOURCE_EXHAUSTED")
+                   help="largest gRPC message or HTTP request body; larger ones get RESOURCE_EXHAUSTED (HTTP 413)")
     s.add_argument("--shutdown-grace", type=float, default=30.0,
                    help="seconds running streams get to finish after SIGTERM")
     s.add_argument("--tls-cert", type=Path, default=None, help="PEM server certificate (enables TLS)")
@@ -77,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "default: $TESSERA_ADMIN_TOKEN")
     a.add_argument("--allow-unauthenticated-admin", action="store_true",
                    help="accept admin calls without a token when none is configured (trusted networks only)")
-    a.add_argument("--api-key", default=None, help="bearer token required on Generate (default: $TESSERA_API_KEY)")
+    a.add_argument("--api-key", default=None, help="bearer token required on Generate and GetModelInfo, and on the "
+                   "HTTP API's /v1 routes as `Authorization: Bearer` (default: $TESSERA_API_KEY)")
     a.add_argument("--adapter-root", type=Path, default=None,
                    help="directory whose subdirectories are adapters, addressed by their relative path")
     a.add_argument("--adapter-memory", type=parse_bytes, default=512 << 20,
@@ -128,6 +136,8 @@ def configs(args: argparse.Namespace):
                 allow_unauthenticated_admin=args.allow_unauthenticated_admin)
     server = ServerConfig(host=args.host, port=args.port, metrics_host=args.metrics_host,
                           metrics_port=None if args.metrics_port < 0 else args.metrics_port, auth=auth,
+                          http_port=None if args.http_port < 0 else args.http_port,
+                          served_model_name=args.served_model_name,
                           tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
                           max_message_bytes=args.max_message_bytes, shutdown_grace_s=args.shutdown_grace)
     return engine, server

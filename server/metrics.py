@@ -1,8 +1,9 @@
 """Prometheus metrics: request counters and latency histograms (vLLM's buckets), engine gauges.
 
 Gauges are read from the engine at scrape time. The Kubernetes inference gateway reads vLLM's
-names (`vllm:num_requests_waiting`, `vllm:num_requests_running`, `vllm:kv_cache_usage_perc`), so
-those are exported too. The endpoint always answers in the classic text format (0.0.4): when a
+names (`vllm:num_requests_waiting`, `vllm:num_requests_running`, `vllm:kv_cache_usage_perc` and its older
+name `vllm:gpu_cache_usage_perc`, `vllm:lora_requests_info`), so those are exported too, on the metrics
+port and on the HTTP port's /metrics. The endpoint always answers in the classic text format (0.0.4): when a
 scraper asks for OpenMetrics, prometheus_client 0.26 would rewrite `vllm:x` as `vllm_x`, and the
 gateway would no longer find its gauges.
 """
@@ -47,6 +48,9 @@ class _EngineCollector:
                                     value=s["num_waiting"])
             yield GaugeMetricFamily(f"{prefix}kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1).",
                                     value=s["kv_usage"])
+        # the older name of the same gauge, which gateways and dashboards built on vLLM < 0.10 still read
+        yield GaugeMetricFamily("vllm:gpu_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1); the same "
+                                "value as vllm:kv_cache_usage_perc.", value=s["kv_usage"])
         yield GaugeMetricFamily("tessera_kv_cache_blocks_total", "KV-cache blocks.", value=s["kv_blocks_total"])
         yield GaugeMetricFamily("tessera_kv_cache_blocks_used", "KV-cache blocks in use.", value=s["kv_blocks_used"])
         yield GaugeMetricFamily("tessera_model_weight_bytes", "Bytes of resident base-model weights.",

@@ -43,11 +43,12 @@ def wait_serving(target: str, proc: subprocess.Popen | None, timeout: float = 18
 
 class ServerProcess:
     def __init__(self, tmp: Path, *args: str, env: dict | None = None):
-        self.port, self.metrics_port = free_port(), free_port()
+        self.port, self.metrics_port, self.http_port = free_port(), free_port(), free_port()
         self.target = f"127.0.0.1:{self.port}"
+        self.base_url = f"http://127.0.0.1:{self.http_port}"
         self.log = tmp / f"server-{self.port}.log"
         cmd = [sys.executable, "-m", "server", "--port", str(self.port), "--metrics-port", str(self.metrics_port),
-               *args]
+               "--http-port", str(self.http_port), *args]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log.open("w"), stderr=subprocess.STDOUT,
                                      env={**os.environ, **(env or {})})
         wait_serving(self.target, self.proc, log=self.log)

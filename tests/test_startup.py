@@ -15,8 +15,8 @@ pytestmark = pytest.mark.e2e
 
 def _server(*args: str, timeout: float = 60) -> tuple[int, str, float]:
     t0 = time.monotonic()
-    r = subprocess.run([sys.executable, "-m", "server", "--metrics-port", str(free_port()), *args], cwd=ROOT,
-                       capture_output=True, text=True, timeout=timeout)
+    r = subprocess.run([sys.executable, "-m", "server", "--metrics-port", str(free_port()), "--http-port",
+                        str(free_port()), *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     return r.returncode, r.stderr, time.monotonic() - t0
 
 
@@ -30,6 +30,18 @@ def test_a_port_in_use_exits_before_loading_the_model():
     assert f"port {port} is in use" in err
     assert "loading the GGUF" not in err and "Traceback" not in err
     assert seconds < 30  # imports only; the model took ~60 s to load before it failed
+
+
+def test_an_http_port_in_use_exits_before_loading_the_model():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        rc, err, seconds = _server("--port", str(free_port()), "--http-port", str(port))
+    assert rc != 0 and "Traceback" not in err
+    assert f"cannot serve HTTP on 127.0.0.1:{port}" in err and "--http-port" in err
+    assert "loading the GGUF" not in err
+    assert seconds < 30
 
 
 def test_a_wrong_model_path_is_one_line(tmp_path):

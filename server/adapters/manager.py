@@ -30,6 +30,7 @@ import torch
 from loader.adapter_errors import AdapterLoadError
 from loader.adapter_paths import check_adapter_id, resolve_adapter_dir, resolve_adapter_path
 from loader.adaption_prompt import AdaptionAdapter, load_adaption_prompt
+from loader.chat_template import read_chat_template
 from loader.ia3 import Ia3Adapter, load_ia3_adapter
 from loader.lora import load_lora_adapter, module_dims, read_adapter_config
 from loader.prompt_adapter import PROMPT_TYPES, PromptAdapter, load_prompt_adapter
@@ -61,6 +62,7 @@ class AdapterEntry:
     pins: int = 0  # running sequences
     refs: int = 0  # queued + running requests
     unloading: bool = False
+    chat_template: str | None = None  # the adapter's own (loader/chat_template.py); None = the base model's
     last_used: float = field(default_factory=time.monotonic)
 
     @property
@@ -174,6 +176,7 @@ class AdapterManager:
         try:
             path = path if path is not None else resolve_adapter_dir(self.root, adapter_id)
             family, adapter, host = self._read(adapter_id, path)
+            chat_template = read_chat_template(path, adapter_id)
         except AdapterLoadError:
             raise
         except (MemoryError, torch.OutOfMemoryError) as exc:
@@ -192,7 +195,7 @@ class AdapterManager:
             # (re)read from disk: the files may have changed since it was registered
             e.kind, e.family, e.nbytes = adapter.kind, family, nbytes
             e.rank = adapter.rank if family == "lora" else 0
-            e.host, e.last_used = host, time.monotonic()
+            e.host, e.last_used, e.chat_template = host, time.monotonic(), chat_template
             if hold:
                 self._take(e)
         dt = time.perf_counter() - t0

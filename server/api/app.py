@@ -1,9 +1,11 @@
-"""The server process: engine + gRPC (Inference, health, reflection) + /metrics, and a graceful drain.
+"""The server process: engine + gRPC (Inference, health, reflection) + the OpenAI-compatible HTTP API +
+/metrics, and a graceful drain.
 
-Lifecycle: bind the gRPC and metrics ports (a port in use exits at once, before the model loads)
--> load the model -> warm up (a base and an adapter request) -> start the engine thread -> serve and
-report SERVING -> on SIGTERM/SIGINT: health NOT_SERVING, new calls UNAVAILABLE, running streams get
---shutdown-grace seconds to finish -> stop -> exit 0.
+Lifecycle: bind the gRPC, HTTP and metrics ports (a port in use exits at once, before the model loads)
+-> load the model -> warm up (a base and an adapter request) -> start the engine thread -> serve gRPC
+and HTTP, report SERVING -> on SIGTERM/SIGINT: health NOT_SERVING (HTTP /health 503), new calls
+UNAVAILABLE (HTTP 503), running gRPC and HTTP streams get --shutdown-grace seconds to finish -> stop ->
+exit 0.
 """
 from __future__ import annotations
 
@@ -21,6 +23,9 @@ from kernels import cpu_ext
 from loader.errors import ModelLoadError
 from proto import tessera_pb2 as pb
 from server.api.auth import Auth
+from server.api.frontend import Frontend
+from server.api.openai.http_server import HttpServer, bind
+from server.api.openai.routes import create_app
 from server.api.service import InferenceService
 from server.api.wire import add_inference_service
 from server.config import EngineConfig
@@ -39,6 +44,8 @@ class ServerConfig:
     port: int = 50051
     metrics_host: str | None = None  # None = same as host
     metrics_port: int | None = 9400  # None = no metrics endpoint
+    http_port: int | None = 8000  # the OpenAI-compatible API on host; None = off
+    served_model_name: str | None = None  # the base model's name in the HTTP API; None = the model's own
     auth: Auth = Auth()
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -88,6 +95,7 @@ async def serve(engine_cfg: EngineConfig, cfg: ServerConfig) -> None:
     address = f"{cfg.host}:{cfg.port}"
     creds = _credentials(cfg)
     port = _bind(server, address, creds)  # before the model loads: a taken port fails in a second
+    http_sock = bind(cfg.host, cfg.http_port) if cfg.http_port is not None else None
     engine: AsyncEngine | None = None  # the gauges read it once it is loaded
     metrics = Metrics(lambda: _engine_gauges(engine))
     if cfg.metrics_port is not None:
@@ -103,16 +111,25 @@ async def serve(engine_cfg: EngineConfig, cfg: ServerConfig) -> None:
         engine = await asyncio.to_thread(_load_engine, engine_cfg)
     except ModelLoadError as exc:
         metrics.close()
+        if http_sock is not None:
+            http_sock.close()
         raise SystemExit(f"cannot load the model: {exc}") from None
     cpu_ext.log_status()
     await engine.start()
     engine.engine.adapters.observer = metrics
-    service = InferenceService(engine, cfg.auth, metrics, engine_cfg.default_max_new_tokens)
-    add_inference_service(service, server)
+    frontend = Frontend(engine, cfg.auth, metrics, engine_cfg.default_max_new_tokens,
+                        cfg.served_model_name or engine.model_config.name)
+    add_inference_service(InferenceService(frontend), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     await server.start()
+    http = None
+    if http_sock is not None:
+        http = HttpServer(create_app(frontend), http_sock, cfg.max_message_bytes)
+        await http.start()
+        log.info("OpenAI-compatible API on http://%s:%d/v1 (model %r)", cfg.host, http_sock.getsockname()[1],
+                 frontend.served_model_name)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("serving %s on %s:%d (%s)", engine.model_config.name, cfg.host, port, "TLS" if creds else "plaintext")
@@ -124,13 +141,15 @@ async def serve(engine_cfg: EngineConfig, cfg: ServerConfig) -> None:
     await stop.wait()
 
     log.info("draining: NOT_SERVING, refusing new calls, %d streams get up to %.0fs to finish",
-             service.active_streams, cfg.shutdown_grace_s)
-    service.draining = True
+             frontend.active_streams, cfg.shutdown_grace_s)
+    frontend.draining = True
     await health_servicer.enter_graceful_shutdown()
     try:
-        await asyncio.wait_for(service.wait_idle(), timeout=cfg.shutdown_grace_s)
+        await asyncio.wait_for(frontend.wait_idle(), timeout=cfg.shutdown_grace_s)
     except asyncio.TimeoutError:
-        log.warning("grace period over: cancelling %d streams", service.active_streams)
+        log.warning("grace period over: cancelling %d streams", frontend.active_streams)
+    if http is not None:
+        await http.stop()
     await server.stop(grace=1.0)
     await engine.shutdown()
     metrics.close()

@@ -1,8 +1,8 @@
-"""Bearer-token checks for gRPC calls (`authorization: Bearer <token>` metadata).
+"""Bearer-token checks (`authorization: Bearer <token>`: gRPC metadata, or the HTTP header).
 
 Admin calls need --admin-token (or TESSERA_ADMIN_TOKEN); with none configured they are refused
-unless --allow-unauthenticated-admin. Generate needs --api-key when one is set (the admin token
-works too). Tokens are compared in constant time.
+unless --allow-unauthenticated-admin. Generate (and the HTTP API's /v1 routes) need --api-key when one
+is set (the admin token works too). Tokens are compared in constant time.
 """
 from __future__ import annotations
 
@@ -47,7 +47,8 @@ class Auth:
         token = bearer_token(metadata)
         if token is None:
             raise AuthError(grpc.StatusCode.UNAUTHENTICATED,
-                            "admin call without credentials: send metadata 'authorization: Bearer <admin token>'")
+                            "admin call without credentials: send 'authorization: Bearer <admin token>' "
+                            "(gRPC metadata or HTTP header)")
         if not _matches(token, self.admin_token):
             raise AuthError(grpc.StatusCode.PERMISSION_DENIED, "the bearer token is not the admin token")
 
@@ -57,6 +58,7 @@ class Auth:
         token = bearer_token(metadata)
         if token is None:
             raise AuthError(grpc.StatusCode.UNAUTHENTICATED,
-                            "this server needs an API key: send metadata 'authorization: Bearer <api key>'")
+                            "this server needs an API key: send 'authorization: Bearer <api key>' (gRPC "
+                            "metadata or HTTP header)")
         if not (_matches(token, self.api_key) or _matches(token, self.admin_token)):
             raise AuthError(grpc.StatusCode.UNAUTHENTICATED, "invalid API key")

@@ -95,10 +95,13 @@ class LLMEngine:
             raise InvalidRequestError(f"{field} has {chars} characters; at most {self.max_prompt_chars} are accepted "
                                       f"(--max-prompt-chars; the context is {self.max_model_len} tokens)")
         if request.messages is not None:
-            if not self.tokenizer.chat_template:
+            entry = self.adapters.get(request.adapter_id) if request.adapter_id else None
+            template = (entry.chat_template if entry is not None else None) or self.tokenizer.chat_template
+            if not template:
                 raise InvalidRequestError("this model has no chat template: send a raw prompt instead of messages")
             try:
-                text = self.tokenizer.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True)
+                text = self.tokenizer.apply_chat_template(request.messages, chat_template=template, tokenize=False,
+                                                          add_generation_prompt=True)
             except Exception as exc:  # jinja raises for conversations a template refuses (roles, order)
                 raise InvalidRequestError(f"messages: the model's chat template refused them: {exc}") from None
             return self.tokenizer(text, add_special_tokens=False).input_ids
@@ -237,7 +240,8 @@ class LLMEngine:
         if not seqs:
             return outputs
         try:
-            sampled = self.sampler(logits, [s.sampling_state for s in seqs], [s.token_ids for s in seqs])
+            sampled = self.sampler(logits, [s.sampling_state for s in seqs], [s.token_ids for s in seqs],
+                                   [s.output_ids for s in seqs], [self._banned(s) for s in seqs])
         except Exception as exc:
             log.exception("the sampler failed for requests %s", [s.request_id for s in seqs])
             return outputs + [self.fail(s, f"internal error in the sampler: {type(exc).__name__}: {exc}")
@@ -252,12 +256,30 @@ class LLMEngine:
                 seq.token_ids.append(token)
                 if seq.first_token_time is None:
                     seq.first_token_time = now
-                lp = [float(sampled.logprobs[i])] if (sampled.logprobs is not None and seq.params.logprobs) else None
-                outputs.append(self._after_token(seq, token, lp))
+                outputs.append(self._after_token(seq, token, *self._logprobs(seq, sampled, i)))
             except Exception as exc:  # stop checks, detokenizing: this sequence's own work
                 log.exception("request %s failed after its token", seq.request_id)
                 outputs.append(self.fail(seq, f"internal error after sampling: {type(exc).__name__}: {exc}"))
         return outputs
+
+    def _banned(self, seq: Sequence) -> tuple[int, ...]:
+        """Tokens that would end the sequence before its min_tokens: not sampled yet."""
+        p = seq.params
+        if seq.num_generated >= p.min_tokens:
+            return ()
+        return tuple(sorted(set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_ids)))
+
+    @staticmethod
+    def _logprobs(seq: Sequence, sampled, i: int):
+        """-> ([the sampled token's logprob], [[(id, logprob) of the top k]]) as this sequence asked, else Nones."""
+        p = seq.params
+        if sampled.logprobs is None or not p.logprobs:
+            return None, None
+        top = None
+        if p.top_logprobs:
+            top = [list(zip(sampled.top_ids[i, :p.top_logprobs].tolist(),
+                            sampled.top_logprobs[i, :p.top_logprobs].tolist()))]
+        return [float(sampled.logprobs[i])], top
 
     def _execute(self, batch: ScheduledBatch):
         """Run the forward pass. If it raises, run each half of the batch again (the same tokens into the
@@ -283,18 +305,22 @@ class LLMEngine:
                 logits.append(lg)
         return seqs, (torch.cat(logits) if logits else None), failed
 
-    def _after_token(self, seq: Sequence, token: int, logprobs: list[float] | None) -> RequestOutput:
+    def _after_token(self, seq: Sequence, token: int, logprobs: list[float] | None,
+                     top: list[list[tuple[int, float]]] | None = None) -> RequestOutput:
         p = seq.params
+        lp = (logprobs, top)
         if token in self.eos_ids and not p.ignore_eos:
-            return self._finish(seq, FinishReason.EOS, *self._final_text(seq, ""), [token], logprobs)
+            return self._finish(seq, FinishReason.EOS, *self._final_text(seq, ""), [token], *lp)
         if token in p.stop_token_ids:
-            return self._finish(seq, FinishReason.STOP, *self._final_text(seq, ""), [token], logprobs)
-        text, stopped = seq.stop_matcher.feed(seq.detokenizer.step([token]))
-        if stopped:
-            return self._finish(seq, FinishReason.STOP, text, True, [token], logprobs)
+            return self._finish(seq, FinishReason.STOP, *self._final_text(seq, ""), [token], *lp)
+        text = seq.detokenizer.step([token])
+        if seq.num_generated > p.min_tokens:  # stop strings are looked for after the first min_tokens tokens
+            text, stopped = seq.stop_matcher.feed(text)
+            if stopped:
+                return self._finish(seq, FinishReason.STOP, text, True, [token], *lp)
         if seq.num_generated >= p.max_new_tokens or len(seq.token_ids) >= self.max_model_len:
-            return self._finish(seq, FinishReason.LENGTH, *self._final_text(seq, text), [token], logprobs)
-        return RequestOutput(seq.request_id, text, [token], logprobs)
+            return self._finish(seq, FinishReason.LENGTH, *self._final_text(seq, text), [token], *lp)
+        return RequestOutput(seq.request_id, text, [token], logprobs, top)
 
     @staticmethod
     def _final_text(seq: Sequence, text: str) -> tuple[str, bool]:
@@ -303,7 +329,7 @@ class LLMEngine:
         return text + tail + ("" if stopped else seq.stop_matcher.flush()), stopped
 
     def _finish(self, seq: Sequence, reason: FinishReason, text: str, stopped: bool, token_ids: list[int],
-                logprobs: list[float] | None = None) -> RequestOutput:
+                logprobs: list[float] | None = None, top: list | None = None) -> RequestOutput:
         if stopped:
             reason = FinishReason.STOP
         seq.status = SequenceStatus.FINISHED
@@ -317,4 +343,4 @@ class LLMEngine:
             queue_time_s=(seq.first_scheduled_time or now) - seq.arrival_time,
             time_to_first_token_s=(seq.first_token_time or now) - seq.arrival_time,
             e2e_latency_s=now - seq.arrival_time)
-        return RequestOutput(seq.request_id, text, token_ids, logprobs, reason, seq.error, stats)
+        return RequestOutput(seq.request_id, text, token_ids, logprobs, top, reason, seq.error, stats)

@@ -10,6 +10,9 @@ import math
 from dataclasses import dataclass, field
 
 
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit
+
+
 class FinishReason(enum.Enum):
     LENGTH = "length"  # max_new_tokens reached (or the context is full)
     STOP = "stop"  # a stop string or a stop token id matched
@@ -32,6 +35,11 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: bool = False  # return the log-probability of each sampled token
+    top_logprobs: int = 0  # also the k most likely tokens at each step (needs logprobs), 0..MAX_TOP_LOGPROBS
+    # OpenAI semantics, over the generated tokens only: logit -= frequency * count + presence * (count > 0)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    min_tokens: int = 0  # EOS and stop_token_ids cannot be sampled, and stop strings are not looked for, before
 
     def __post_init__(self) -> None:
         self.stop = tuple(self.stop)
@@ -51,6 +59,18 @@ class SamplingParams:
             problems.append("stop strings must be non-empty strings")
         if any(t < 0 for t in self.stop_token_ids):
             problems.append("stop_token_ids must be >= 0")
+        if not isinstance(self.top_logprobs, int) or not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            problems.append(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs!r}")
+        elif self.top_logprobs and not self.logprobs:
+            problems.append("top_logprobs needs logprobs")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not math.isfinite(v) or not -2.0 <= v <= 2.0:
+                problems.append(f"{name} must be in [-2, 2] (0 disables it), got {v!r}")
+        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            problems.append(f"min_tokens must be >= 0, got {self.min_tokens!r}")
+        elif isinstance(self.max_new_tokens, int) and self.min_tokens > self.max_new_tokens:
+            problems.append(f"min_tokens ({self.min_tokens}) must not exceed max_new_tokens ({self.max_new_tokens})")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -104,6 +124,8 @@ class RequestOutput:
     text: str
     token_ids: list[int]
     logprobs: list[float] | None = None
+    # per token, when top_logprobs was asked: the k most likely (token id, logprob), best first
+    top_logprobs: list[list[tuple[int, float]]] | None = None
     finish_reason: FinishReason | None = None  # None while streaming
     error: str | None = None  # set with FinishReason.ERROR
     stats: RequestStats | None = None  # set on the last chunk

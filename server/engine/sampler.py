@@ -1,9 +1,11 @@
 """Token selection for a batch of sequences with different sampling settings.
 
-Processing order follows transformers' `generate`: repetition penalty -> temperature -> top-k -> top-p,
+Processing order follows transformers' `generate`: repetition penalty -> presence/frequency penalties
+(OpenAI's, over the generated tokens) -> tokens banned by min_tokens -> temperature -> top-k -> top-p,
 then greedy argmax or a draw. Greedy rows share one batched argmax. Sampled rows draw from their own
 `torch.Generator`, so a seeded request produces the same tokens whatever else shares its batch.
-Logprobs (when asked) are log-softmax of the logits after penalty and temperature, before the filters.
+Logprobs (when asked) are log-softmax of the logits after penalties and temperature, before the filters;
+top_logprobs are the k largest of those.
 
 Fault isolation: a row whose logits are not finite, or whose own processing fails, gets an error in
 `SamplerOutput.errors` and every other row is sampled as usual; the batch never fails for one row.
@@ -41,6 +43,8 @@ class SamplingState:
 class SamplerOutput:
     token_ids: torch.Tensor  # [B] int64 on the CPU (rows in `errors`: meaningless)
     logprobs: torch.Tensor | None  # [B] fp32 on the CPU, when any row asked
+    top_ids: torch.Tensor | None = None  # [B, K] int64, K = the largest top_logprobs asked in the batch
+    top_logprobs: torch.Tensor | None = None  # [B, K] fp32
     errors: dict[int, str] = field(default_factory=dict)  # row -> why that row could not be sampled
 
 
@@ -51,6 +55,15 @@ def apply_repetition_penalty(logits: torch.Tensor, token_ids: list[int], penalty
     ids = torch.tensor(sorted(set(token_ids)), device=logits.device)
     seen = logits.index_select(0, ids)
     return logits.index_copy(0, ids, torch.where(seen < 0, seen * penalty, seen / penalty))
+
+
+def apply_presence_frequency(logits: torch.Tensor, output_ids: list[int], presence: float,
+                             frequency: float) -> torch.Tensor:
+    """One row [V] -> a new row, OpenAI semantics: logit[t] -= frequency * count(t) + presence * (count(t) > 0)."""
+    if not output_ids or (presence == 0.0 and frequency == 0.0):
+        return logits
+    ids, counts = torch.unique(torch.tensor(output_ids, device=logits.device), return_counts=True)
+    return logits.index_add(0, ids, -(frequency * counts.to(logits.dtype) + presence))
 
 
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -76,10 +89,15 @@ def top_k_top_p_filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
 
 class Sampler:
     @torch.inference_mode()
-    def __call__(self, logits: torch.Tensor, states: list[SamplingState],
-                 token_ids: list[list[int]]) -> SamplerOutput:
-        """logits [B, V] -> the next token of every row, their logprobs, and the rows that failed."""
+    def __call__(self, logits: torch.Tensor, states: list[SamplingState], token_ids: list[list[int]],
+                 output_ids: list[list[int]] | None = None,
+                 banned: list[tuple[int, ...]] | None = None) -> SamplerOutput:
+        """logits [B, V] -> the next token of every row, their logprobs, and the rows that failed.
+
+        token_ids: each row's prompt + generated tokens (repetition penalty); output_ids: its generated tokens
+        (presence/frequency penalties; default token_ids); banned: token ids a row may not sample now."""
         logits = logits.float()
+        output_ids = output_ids if output_ids is not None else token_ids
         errors: dict[int, str] = {}
         bad = (~torch.isfinite(logits).all(dim=-1)).nonzero().flatten().tolist()
         for i in bad:
@@ -87,13 +105,18 @@ class Sampler:
         rows: dict[int, torch.Tensor] = {}  # processed rows that differ from the raw logits
         for i, st in enumerate(states):
             p = st.params
-            if i in errors or (p.repetition_penalty == 1.0 and (p.greedy or p.temperature == 1.0)):
+            ban = banned[i] if banned is not None else ()
+            if i in errors or not (ban or p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
+                                   or not (p.greedy or p.temperature == 1.0)):
                 continue
             try:
                 row = apply_repetition_penalty(logits[i], token_ids[i], p.repetition_penalty)
+                row = apply_presence_frequency(row, output_ids[i], p.presence_penalty, p.frequency_penalty)
+                if ban:
+                    row = row.index_fill(0, torch.tensor(ban, device=row.device), float("-inf"))
                 rows[i] = row if p.greedy else apply_temperature(row, p.temperature)
             except Exception as exc:  # this row's settings only: the others go on
-                errors[i] = _row_error(i, "penalty/temperature", exc)
+                errors[i] = _row_error(i, "penalties/temperature", exc)
         if rows:
             logits = logits.clone()
             for i, row in rows.items():
@@ -107,10 +130,15 @@ class Sampler:
                 next_ids[i] = torch.multinomial(row.softmax(-1), 1, generator=st.generator)[0]
             except Exception as exc:
                 errors[i] = _row_error(i, "sampling", exc)
-        logprobs = None
+        out = SamplerOutput(next_ids.cpu(), None, errors=errors)
         if any(st.params.logprobs for st in states):
-            logprobs = logits.log_softmax(-1).gather(1, next_ids.unsqueeze(1)).squeeze(1).cpu()
-        return SamplerOutput(next_ids.cpu(), logprobs, errors)
+            lsm = logits.log_softmax(-1)
+            out.logprobs = lsm.gather(1, next_ids.unsqueeze(1)).squeeze(1).cpu()
+            k = max(st.params.top_logprobs for st in states)
+            if k:
+                top = lsm.topk(min(k, lsm.shape[-1]), dim=-1)
+                out.top_logprobs, out.top_ids = top.values.cpu(), top.indices.cpu()
+        return out
 
 
 def _row_error(row: int, stage: str, exc: Exception) -> str:
