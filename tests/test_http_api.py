@@ -238,6 +238,7 @@ BAD = [  # body, status, param (None: no param expected), words in the message
     ({"prompt": []}, 400, "prompt", "empty"),
     ({"prompt": [-1]}, 400, "prompt", ">= 0"),
     ({"prompt": [10**9]}, 400, None, "out of range"),
+    ({"prompt": "x", "stop_token_ids": [10**9]}, 400, None, "below the vocabulary size"),
     ({"max_tokens": 3}, 400, "prompt", "Field required"),
     ({"prompt": "x", "model": "no/such/adapter"}, 404, "model", "neither loaded"),
     ({"prompt": "x", "model": "../escape"}, 400, "model", "relative name"),

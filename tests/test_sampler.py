@@ -1,4 +1,6 @@
 """Sampler against transformers' logits processors; seeded draws independent of the batch."""
+import re
+
 import pytest
 import torch
 from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
@@ -124,3 +126,51 @@ def test_a_non_finite_row_fails_alone():
     assert sorted(out.errors) == [1, 2] and "non-finite" in out.errors[1]
     assert int(out.token_ids[0]) == int(logits[0].argmax())
     assert 0 <= int(out.token_ids[3]) < V
+
+
+def test_presence_frequency_penalties_min_tokens_bans_and_top_logprobs():
+    """OpenAI's presence/frequency penalties over the generated tokens only, banned ids (min_tokens) never
+    sampled, and the k best logprobs of each row — all in one batch with rows that ask for none of it."""
+    g = torch.Generator().manual_seed(11)
+    logits = torch.randn(4, V, generator=g) * 2
+    prompt, generated = [3, 3, 9], [5, 5, 5, 7]
+    dev = torch.device("cpu")
+    states = [SamplingState.create(SamplingParams(presence_penalty=0.5, frequency_penalty=1.5, logprobs=True,
+                                                  top_logprobs=4), dev),
+              SamplingState.create(SamplingParams(temperature=0.7, seed=1, presence_penalty=-2.0), dev),
+              SamplingState.create(SamplingParams(min_tokens=3), dev),
+              SamplingState.create(SamplingParams(logprobs=True), dev)]
+    banned_id = int(logits[2].argmax())
+    out = Sampler()(logits.clone(), states, [prompt + generated] * 4, [generated] * 4, [(), (), (banned_id, 2), ()])
+    assert out.errors == {}
+    ref = logits[0].clone()
+    ref[5] -= 1.5 * 3 + 0.5
+    ref[7] -= 1.5 * 1 + 0.5  # prompt tokens (3, 9) untouched
+    assert int(out.token_ids[0]) == int(ref.argmax())
+    top = ref.log_softmax(-1).topk(4)
+    torch.testing.assert_close(out.top_logprobs[0], top.values)
+    assert out.top_ids[0].tolist() == top.indices.tolist()
+    assert float(out.logprobs[0]) == pytest.approx(float(top.values[0]))
+    assert int(out.token_ids[2]) != banned_id and int(out.token_ids[2]) == int(
+        logits[2].index_fill(0, torch.tensor([banned_id, 2]), float("-inf")).argmax())
+    assert int(out.token_ids[3]) == int(logits[3].argmax())  # untouched row
+
+
+def test_an_extreme_penalty_stays_finite():
+    logits = torch.randn(2, V)
+    logits[:, 4] = 30.0
+    states = [SamplingState.create(SamplingParams(repetition_penalty=1e-38, logprobs=True,
+                                                  top_logprobs=2), torch.device("cpu")),
+              SamplingState.create(SamplingParams(temperature=0.5, seed=3, repetition_penalty=1e-38),
+                                   torch.device("cpu"))]
+    out = Sampler()(logits, states, [[4], [4]])
+    assert out.errors == {} and int(out.token_ids[0]) == 4 and int(out.token_ids[1]) == 4
+    assert torch.isfinite(out.logprobs).all()
+
+
+def test_new_sampling_fields_are_validated():
+    for kw, words in [({"top_logprobs": 3}, "needs logprobs"), ({"top_logprobs": 21, "logprobs": True}, "[0, 20]"),
+                      ({"presence_penalty": 2.5}, "presence_penalty"), ({"frequency_penalty": float("nan")}, "[-2, 2]"),
+                      ({"min_tokens": -1}, "min_tokens"), ({"min_tokens": 9, "max_new_tokens": 8}, "must not exceed")]:
+        with pytest.raises(ValueError, match=re.escape(words)):
+            SamplingParams(**kw)

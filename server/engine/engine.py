@@ -113,6 +113,8 @@ class LLMEngine:
         if not ids:
             raise InvalidRequestError("the prompt is empty after tokenization")
         p = request.sampling
+        if any(t >= self.model_config.vocab_size for t in p.stop_token_ids):
+            raise InvalidRequestError(f"stop_token_ids must be below the vocabulary size {self.model_config.vocab_size}")
         if len(ids) + p.max_new_tokens > self.max_model_len:
             raise InvalidRequestError(
                 f"prompt ({len(ids)} tokens) + max_new_tokens ({p.max_new_tokens}) exceeds the context of "

@@ -112,6 +112,8 @@ class Sampler:
             try:
                 row = apply_repetition_penalty(logits[i], token_ids[i], p.repetition_penalty)
                 row = apply_presence_frequency(row, output_ids[i], p.presence_penalty, p.frequency_penalty)
+                if row is not logits[i]:  # an extreme penalty (1e-300) must not overflow a logit to inf
+                    row = row.clamp(-torch.finfo(row.dtype).max, torch.finfo(row.dtype).max)
                 if ban:
                     row = row.index_fill(0, torch.tensor(ban, device=row.device), float("-inf"))
                 rows[i] = row if p.greedy else apply_temperature(row, p.temperature)
