@@ -27,7 +27,7 @@ from server.api.frontend import Frontend
 from server.api.openai import convert
 from server.api.openai.errors import ApiError
 from server.api.openai.protocol import ChatCompletionRequest, CompletionRequest, LoadLoraRequest, UnloadLoraRequest
-from server.api.openai.streams import ClientGone, merged, open_streams, until_disconnect
+from server.api.openai.streams import Choices, ClientGone, open_streams, until_disconnect
 from server.engine.errors import EngineError
 from server.engine.request import FinishReason
 
@@ -45,6 +45,21 @@ def _dumps(obj) -> str:
 
 def _sse(obj) -> str:
     return f"data: {_dumps(obj)}\n\n"
+
+
+class _EventStream(StreamingResponse):
+    """SSE whose engine streams are closed when the response ends, however it ends (a disconnect included,
+    and even before the first chunk)."""
+
+    def __init__(self, chunks, on_close):
+        super().__init__(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.on_close()
 
 
 def create_app(frontend: Frontend) -> FastAPI:
@@ -123,15 +138,16 @@ def create_app(frontend: Frontend) -> FastAPI:
             raise engine_error(exc, True) from None
         head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
                 "created": int(time.time()), "model": body.model or frontend.served_model_name}
-        events = merged(streams, firsts)
+        events = Choices(streams, firsts)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_stream(events, head, plan, body, chat, include_usage),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return _EventStream(_stream(events, head, plan, body, chat, include_usage), events.aclose)
         try:
             return JSONResponse(await until_disconnect(request, _collect(events, head, plan, body, chat)))
         except ClientGone:
             return Response(status_code=499)
+        finally:
+            await events.aclose()
 
     async def _collect(events, head, plan: convert.Plan, body, chat: bool) -> dict:
         n = len(plan.requests)
@@ -142,7 +158,6 @@ def create_app(frontend: Frontend) -> FastAPI:
         final = [None] * n
         async for i, out in events:
             if out.finish_reason is FinishReason.ERROR:
-                await events.aclose()
                 raise ApiError(grpc.StatusCode.INTERNAL, out.error or "internal error")
             texts[i].append(out.text)
             ids[i] += out.token_ids
@@ -209,8 +224,6 @@ def create_app(frontend: Frontend) -> FastAPI:
             log.exception("stream %s failed", head["id"])
             yield _sse(ApiError(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}").body())
             yield "data: [DONE]\n\n"
-        finally:
-            await events.aclose()
 
     @app.post("/v1/completions", summary="Completions (OpenAI)")
     async def completions(body: CompletionRequest, request: Request):

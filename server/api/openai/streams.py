@@ -1,9 +1,10 @@
 """Running one body's engine streams together: admission before the response starts, then one merged stream.
 
 `open_streams` waits for every choice's first output, so a refusal (unknown model, bad prompt, full queue)
-becomes an HTTP status before a 200 and its SSE headers are sent. `merged` then yields (choice, output) as
-they come. Closing it, or a client disconnect, closes every engine stream, which aborts the requests and
-frees their KV blocks at the next engine step.
+becomes an HTTP status before a 200 and its SSE headers are sent. `Choices` then yields (choice, output)
+as they come. Closing it (routes.py does when the response ends, however it ends: a client disconnect
+included) closes every engine stream, which aborts unfinished requests and frees their KV blocks at the
+next engine step.
 """
 from __future__ import annotations
 
@@ -54,10 +55,23 @@ async def open_streams(streams: list[AsyncIterator[RequestOutput]]) -> list[Requ
     return [t.result() for t in tasks]
 
 
-async def merged(streams: list[AsyncIterator[RequestOutput]],
-                 firsts: list[RequestOutput]) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """(choice index, output) from all streams, starting with their first outputs; ends when all have finished."""
-    try:
+class Choices:
+    """(choice index, output) from all streams, starting with their first outputs, until all have finished.
+    `aclose()` closes every engine stream whether or not iteration ever started."""
+
+    def __init__(self, streams: list[AsyncIterator[RequestOutput]], firsts: list[RequestOutput]):
+        self.streams, self.firsts = streams, firsts
+        self._gen = self._iter()
+
+    def __aiter__(self):
+        return self._gen
+
+    async def aclose(self) -> None:
+        await self._gen.aclose()
+        await asyncio.gather(*(s.aclose() for s in self.streams), return_exceptions=True)
+
+    async def _iter(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        streams, firsts = self.streams, self.firsts
         for i, out in enumerate(firsts):
             yield i, out
         live = [i for i, out in enumerate(firsts) if not out.finished]
@@ -91,5 +105,3 @@ async def merged(streams: list[AsyncIterator[RequestOutput]],
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-    finally:
-        await asyncio.gather(*(s.aclose() for s in streams), return_exceptions=True)
