@@ -33,7 +33,7 @@ assert set(s.values()) == {'compiled'}, s"
 RUN useradd --create-home tessera && mkdir -p /adapters && chown tessera /adapters
 USER tessera
 WORKDIR /home/tessera
-EXPOSE 50051 9400
+EXPOSE 8000 50051 9400
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s CMD python -c "import grpc,sys; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; \
 r=g.HealthStub(grpc.insecure_channel('127.0.0.1:50051')).Check(h.HealthCheckRequest(), timeout=3); sys.exit(r.status!=1)"
 ENTRYPOINT ["python", "-m", "server", "--host", "0.0.0.0", "--adapter-root", "/adapters"]

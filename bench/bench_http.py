@@ -148,7 +148,7 @@ def main() -> None:
         served = httpx2.get(f"{base_url}/v1/models").json()["data"][0]["id"]
         jobs = [(p, names[i % len(names)] or served) for i, p in enumerate(prompts(args.streams))]
         grpc_jobs = [(p, None if a == served else a) for p, a in jobs]
-        asyncio.run(run_grpc(target, grpc_jobs[:4], 4))  # warm the adapters and the clients
+        asyncio.run(run_grpc(target, grpc_jobs[:max(4, len(names))], 4))  # load every adapter, warm the clients
         runners = {"gRPC (grpc.aio)": lambda: run_grpc(target, grpc_jobs, args.new_tokens),
                    "HTTP (openai SDK)": lambda: run_openai(base_url, jobs, args.new_tokens),
                    "HTTP (bare SSE)": lambda: run_raw_sse(base_url, jobs, args.new_tokens)}

@@ -52,3 +52,11 @@ def test_a_wrong_model_path_is_one_line(tmp_path):
     rc, err, _ = _server("--port", str(free_port()), "--model", str(tmp_path))
     assert rc != 0 and "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith("cannot load the model:")
+
+
+def test_help_lists_the_http_flags():
+    r = subprocess.run([sys.executable, "-m", "server", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0
+    for flag in ("--http-port", "--served-model-name", "--api-key", "--admin-token", "--max-message-bytes"):
+        assert flag in r.stdout, flag
+    assert "OpenAI-compatible" in r.stdout
