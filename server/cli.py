@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--kv-cache-memory", type=parse_bytes, default=256 << 20,
                    help="bytes of KV cache (e.g. 256MiB, 2G); sets how many tokens can be resident")
     e.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
+    e.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="automatic prefix caching: a request starts on the KV blocks another request with the same "
+                   "leading tokens and the same adapter already computed (on by default; "
+                   "--no-enable-prefix-caching turns it off)")
     e.add_argument("--max-num-seqs", type=int, default=64, help="sequences in the running batch")
     e.add_argument("--max-num-batched-tokens", type=int, default=2048,
                    help="tokens per engine step (decodes + prefill chunks); smaller chunks = shorter steps "
@@ -99,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of LoRA weights in the adapter pool (auto: the model's); on the CPU bfloat16 halves "
                    "the bytes each step reads, the math stays fp32")
     a.add_argument("--adapter-kv-fraction", type=float, default=0.25,
-                   help="share of the KV cache that prefix/prompt-tuning adapters' shared prefixes may hold")
+                   help="largest share of the KV cache that one prefix/prompt-tuning adapter's virtual tokens may "
+                   "take (an adapter over it is refused at load)")
     a.add_argument("--no-load-on-demand", action="store_true",
                    help="a Generate naming an adapter that is not loaded gets NOT_FOUND instead of loading it "
                    "from --adapter-root")
@@ -130,7 +135,8 @@ def configs(args: argparse.Namespace):
                           adapter_root=str(args.adapter_root) if args.adapter_root else None,
                           adapter_memory=args.adapter_memory, adapter_host_memory=args.adapter_host_memory,
                           max_lora_rank=args.max_lora_rank, max_loras=args.max_loras, lora_dtype=args.lora_dtype,
-                          adapter_kv_fraction=args.adapter_kv_fraction, load_adapters_on_demand=not args.no_load_on_demand)
+                          adapter_kv_fraction=args.adapter_kv_fraction, load_adapters_on_demand=not args.no_load_on_demand,
+                          enable_prefix_caching=args.enable_prefix_caching)
     auth = Auth(admin_token=args.admin_token or os.environ.get("TESSERA_ADMIN_TOKEN") or None,
                 api_key=args.api_key or os.environ.get("TESSERA_API_KEY") or None,
                 allow_unauthenticated_admin=args.allow_unauthenticated_admin)

@@ -28,6 +28,7 @@ class EngineConfig:
     max_model_len: int | None = None  # None = the model's max_position_embeddings
     default_max_new_tokens: int = 256  # used when a request asks for 0
     seed: int = 0
+    enable_prefix_caching: bool = True  # reuse computed KV blocks across requests with the same prefix
     quantize: str = "auto"  # auto (GGUF Q4/Q8 stay packed, others dense) | none | int8 | int4
     quant_group_size: int = 128  # int4 groups along the input dimension (32, 64 or 128)
     # adapters
@@ -38,7 +39,7 @@ class EngineConfig:
     lora_dtype: str = "auto"  # dtype of the adapter pool: auto = the model's dtype (bfloat16 halves its bytes)
     max_loras: int = 32  # distinct adapters in one batch
     load_adapters_on_demand: bool = True  # a Generate naming an unloaded id under adapter_root loads it
-    adapter_kv_fraction: float = 0.25  # share of the KV cache that prompt-learning adapters' prefixes may hold
+    adapter_kv_fraction: float = 0.25  # largest share of the KV cache one prompt-learning adapter's virtual tokens may take
     # prompt characters (a prompt, or all message contents together) accepted before tokenizing;
     # None = 32 per token of context (no real prompt that fits the context is that long)
     max_prompt_chars: int | None = None

@@ -70,9 +70,21 @@ class _EngineCollector:
         for kind, n in sorted(s["adapter_kinds"].items()):
             kinds.add_metric([kind], n)
         yield kinds
-        yield GaugeMetricFamily("tessera_adapter_kv_blocks", "KV-cache blocks holding prefix/prompt-tuning adapters' "
-                                "shared virtual tokens (counted once, whatever number of requests use them).",
+        yield GaugeMetricFamily("tessera_adapter_kv_blocks", "Cached KV-cache blocks holding prefix/prompt-tuning "
+                                "adapters' virtual tokens (counted once, whatever number of requests use them).",
                                 value=s["adapter_kv_blocks"])
+        yield GaugeMetricFamily("tessera_kv_cache_blocks_cached", "KV-cache blocks in the prefix cache (in use or "
+                                "idle; idle ones are evicted least recently used first when blocks run out).",
+                                value=s["kv_blocks_cached"])
+        # vLLM's names and meaning: cache positions (tokens) looked up at admission, and of them found cached
+        yield CounterMetricFamily("vllm:prefix_cache_queries", "Prefix cache lookups, in tokens.",
+                                  value=s["prefix_cache_queries"])
+        yield CounterMetricFamily("vllm:prefix_cache_hits", "Prefix cache hits, in tokens.",
+                                  value=s["prefix_cache_hits"])
+        q = s["prefix_cache_queries"]
+        yield GaugeMetricFamily("tessera_prefix_cache_hit_rate", "Prefix cache hits / queries since start, in tokens "
+                                "(over a window: rate(vllm:prefix_cache_hits[5m]) / rate(vllm:prefix_cache_queries[5m])).",
+                                value=s["prefix_cache_hits"] / q if q else 0.0)
         per = GaugeMetricFamily("tessera_adapter_requests", "Requests per adapter (adapters in the registry only).",
                                 labels=["adapter_id", "state"])
         for state in ("running", "waiting"):

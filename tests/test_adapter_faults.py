@@ -13,32 +13,12 @@ import torch
 from safetensors.torch import save_file
 
 from loader.adapter_errors import AdapterLoadError
-from loader.base import LoadedModel
-from loader.config import ModelConfig
-from loader.lora import module_dims, random_lora, save_adapter
-from loader.names import expected_shapes
 from server.adapters.manager import AdapterManager
 from server.config import EngineConfig
 from server.engine.engine import LLMEngine
-from server.engine.request import SamplingParams
-from server.engine.sequence import Sequence
 from server.model.llama import LlamaModel
 
-PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-          "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
-ALL_LINEAR = list(PARENT)
-CFG = ModelConfig(architecture="llama", vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=1e4,
-                  rope_scaling=None, max_position_embeddings=512, tie_word_embeddings=True, attention_bias=False,
-                  mlp_bias=False, bos_token_id=1, eos_token_ids=[2], name="tiny")
-KV_DIM = CFG.num_key_value_heads * CFG.head_dim
-
-
-def tiny_loaded() -> LoadedModel:
-    g = torch.Generator().manual_seed(0)
-    weights = {n: (torch.ones(s) if len(s) == 1 else torch.randn(s, generator=g) * 0.05)
-               for n, s in expected_shapes(CFG).items()}
-    return LoadedModel(CFG, weights, tokenizer=None, chat_template=None, source="tiny")
+from tests.tiny_models import ALL_LINEAR, CFG, KV_DIM, adaption, ia3, lora, prompt, tiny_loaded
 
 
 @pytest.fixture(scope="module")
@@ -48,47 +28,6 @@ def model():
 
 def manager(model, root: Path, device: int = 8 << 20, host: int = 64 << 20) -> AdapterManager:
     return AdapterManager(model, adapter_root=root, device_memory=device, host_memory=host, max_lora_rank=64)
-
-
-# -- tiny adapters, written the way PEFT saves them --------------------------------------------------------------
-def lora(path: Path, rank: int = 2, targets=("q_proj", "v_proj"), seed: int = 0, **config) -> Path:
-    tensors = random_lora(CFG, rank, targets, torch.Generator().manual_seed(seed), 0.1, 0.1)
-    cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank,
-           "target_modules": list(targets)}
-    return save_adapter(path, {**cfg, **config}, tensors)
-
-
-def prompt(path: Path, nvt: int = 4, kind: str = "PROMPT_TUNING", **config) -> Path:
-    width = CFG.num_hidden_layers * 2 * KV_DIM if kind == "PREFIX_TUNING" else CFG.hidden_size
-    cfg = {"peft_type": kind, "task_type": "CAUSAL_LM", "num_virtual_tokens": nvt,
-           "token_dim": KV_DIM if kind == "PREFIX_TUNING" else CFG.hidden_size, "num_layers": CFG.num_hidden_layers}
-    tensors = {"prompt_embeddings": torch.randn(nvt, width) * 0.1}
-    if kind == "MULTITASK_PROMPT_TUNING":
-        cfg.update(num_tasks=3, num_ranks=2)
-        tensors.update(prefix_task_cols=torch.randn(3, nvt, 2), prefix_task_rows=torch.randn(3, 2, CFG.hidden_size))
-    return save_adapter(path, {**cfg, **config}, tensors)
-
-
-def ia3(path: Path, **config) -> Path:
-    dims = module_dims(CFG)
-    tensors = {}
-    for layer in range(CFG.num_hidden_layers):
-        for mod in ("k_proj", "v_proj", "down_proj"):
-            fan_in, fan_out = dims[mod]
-            shape = (1, fan_in) if mod == "down_proj" else (fan_out, 1)
-            tensors[f"base_model.model.model.layers.{layer}.{PARENT[mod]}.{mod}.ia3_l"] = 1 + 0.1 * torch.randn(shape)
-    cfg = {"peft_type": "IA3", "task_type": "CAUSAL_LM", "target_modules": ["k_proj", "v_proj", "down_proj"],
-           "feedforward_modules": ["down_proj"]}
-    return save_adapter(path, {**cfg, **config}, tensors)
-
-
-def adaption(path: Path, **config) -> Path:
-    top = CFG.num_hidden_layers - 1
-    tensors = {f"base_model.model.model.layers.{top}.self_attn.adaption_prompt": torch.randn(1, 3, CFG.hidden_size),
-               f"base_model.model.model.layers.{top}.self_attn.adaption_gate": torch.tensor([0.5])}
-    cfg = {"peft_type": "ADAPTION_PROMPT", "task_type": "CAUSAL_LM", "adapter_len": 3, "adapter_layers": 1,
-           "target_modules": "self_attn"}
-    return save_adapter(path, {**cfg, **config}, tensors)
 
 
 # -- item 3: malformed configs are "invalid" and name the field ---------------------------------------------------
@@ -352,7 +291,7 @@ def tiny_engine(tmp_path: Path, num_blocks: int, fraction: float) -> LLMEngine:
 @pytest.mark.parametrize("kind", ["PREFIX_TUNING", "PROMPT_TUNING"])
 def test_prefix_over_the_kv_budget_is_refused_at_load(tmp_path, kind):
     engine = tiny_engine(tmp_path, num_blocks=44, fraction=0.25)  # budget: 11 blocks of 16 tokens
-    assert engine.blocks.allocator.num_blocks == 44 and engine.prefixes.budget == 11
+    assert engine.blocks.allocator.num_blocks == 44 and engine.adapter_kv_budget == 11
     prompt(tmp_path / "big", nvt=224, kind=kind)  # 14 blocks
     prompt(tmp_path / "fits", nvt=176, kind=kind)  # 11 blocks: the whole budget
     with pytest.raises(AdapterLoadError) as err:
@@ -365,25 +304,3 @@ def test_prefix_over_the_kv_budget_is_refused_at_load(tmp_path, kind):
     assert engine.adapters.load("fits").host is not None
 
 
-def test_a_prefix_that_fits_the_budget_frees_idle_ones_and_never_those_of_an_oversize_one(tmp_path):
-    """attach: a fitting prefix only waits for users of other prefixes (idle ones are freed for it); a
-    prefix over the budget (only possible around the load-time check) frees nothing for itself."""
-    engine = tiny_engine(tmp_path, num_blocks=44, fraction=0.25)
-    prompt(tmp_path / "a", nvt=100, kind="PREFIX_TUNING")  # 7 blocks
-    prompt(tmp_path / "b", nvt=176, kind="PREFIX_TUNING")  # 11 blocks
-    for name in ("a", "b"):
-        engine.adapters.load(name)
-
-    def seq(name):
-        return Sequence(f"r-{name}", [3, 4, 5], SamplingParams(max_new_tokens=2), adapter_id=name)
-
-    sa, sb = seq("a"), seq("b")
-    assert engine.prefixes.attach(sa, engine.adapters.adapter("a"), 0)
-    assert not engine.prefixes.attach(sb, engine.adapters.adapter("b"), 0)  # a's user holds 7 of the 11
-    engine.prefixes.detach(sa)  # a is idle now: it gives way
-    assert engine.prefixes.attach(sb, engine.adapters.adapter("b"), 0) and engine.prefixes.num_blocks == 11
-    engine.prefixes.detach(sb)
-    engine.prefixes.budget = 6  # as if a (7 blocks) had been loaded without the load-time check
-    assert not engine.prefixes.attach(seq("a"), engine.adapters.adapter("a"), 0)
-    assert engine.prefixes.num_blocks == 11  # b's idle prefix was not freed for a request that can never run
-    assert engine.blocks.allocator.num_used == 11

@@ -21,7 +21,7 @@ def test_shared_blocks_are_freed_by_the_last_user():
     a, b = _seq("a", 3), _seq("b", 5)
     for s in (a, b):
         bm.share(s, owner.block_table)
-        s.prefix_len = 8
+        s.num_computed = 8  # the shared blocks hold its first 8 positions, computed
         bm.grow(s, len(s.token_ids))
     assert a.block_table[:2] == b.block_table[:2] == [0, 1]
     assert len(a.block_table) == 3 and len(b.block_table) == 4

@@ -54,7 +54,7 @@ def _run(engine: LLMEngine, requests: list[GenerateRequest], sabotage=None) -> d
             if out.finished:
                 last[out.request_id] = out
     assert not engine.has_work(), "the requests made no progress"
-    assert engine.blocks.allocator.num_used == engine.prefixes.num_blocks
+    assert engine.blocks.allocator.num_used == 0  # nothing held once idle (cached blocks are idle, not used)
     return {rid: (got[rid], last[rid]) for rid in got}
 
 
@@ -146,15 +146,16 @@ def _fill_the_cache(engine: LLMEngine):
 
 def test_a_request_as_large_as_the_cache_finishes_next_to_an_idle_shared_prefix(engine):
     """Item 6: with an idle prefix adapter's KV blocks held, a request needing every block of the cache
-    preempted itself over and over; idle prefixes are now reclaimed when the cache is short."""
+    preempted itself over and over; idle cached blocks (the adapter's virtual tokens) are evicted when the
+    cache is short."""
     engine.adapters.load("prefix")
     _run(engine, [GenerateRequest(prompt="Hi", sampling=SamplingParams(max_new_tokens=2), adapter_id="prefix",
                                   request_id="p")])
-    assert engine.prefixes.num_blocks > 0  # the prefix stays materialized, idle
+    assert engine.blocks.allocator.virtual and engine.blocks.allocator.num_used == 0  # cached, idle
     preemptions = engine.scheduler.num_preemptions
     _fill_the_cache(engine)
     assert engine.scheduler.num_preemptions == preemptions
-    assert engine.blocks.allocator.num_used == engine.prefixes.num_blocks == 0  # the idle prefix was reclaimed
+    assert engine.blocks.allocator.num_used == 0 and not engine.blocks.allocator.virtual  # evicted for it
 
 
 def test_a_request_as_large_as_the_cache_is_admitted_alone(engine):

@@ -74,8 +74,8 @@ def test_logits_match_transformers_across_chunked_steps(name, device, dtype, tol
             batch.seqs.append(seqs[i])
             batch.num_tokens.append(n)
         with torch.inference_mode():
-            ids, pos, attn, _, _ = runner._prepare(batch)
-            logits = ours.logits(ours(ids, pos, attn))
+            step_in = runner._prepare(batch)
+            logits = ours.logits(ours(step_in.input_ids, step_in.positions, step_in.attn))
         row = 0
         for i, n in step:
             got[i].append(logits[row:row + n])

@@ -92,33 +92,45 @@ def test_bad_task_ids_are_invalid_argument(server):
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (adapter, task)
 
 
-def test_prefix_kv_is_stored_once_for_16_requests(root):
-    """Engine level, exact block accounting: 16 requests over one prefix adapter with nvt = 10 and
-    blocks of 4 share its 2 full blocks; each has a private copy of the partial third block."""
+def test_prefix_kv_is_shared_through_the_prefix_cache(root):
+    """Engine level, exact block accounting: a prefix adapter with nvt = 10 and blocks of 4. The first request
+    computes (writes) the virtual tokens and its prompt; 15 later ones with the same prompt start on its 4 full
+    blocks (10 virtual + 6 prompt positions) and each holds one block of its own."""
     engine = LLMEngine.from_config(EngineConfig(adapter_root=str(root), block_size=4, max_num_seqs=32))
     engine.adapters.load("prefix")
     nvt = engine.adapters.adapter("prefix").num_virtual_tokens
     assert nvt == 10
-    prompt = [1, 504, 2988, 314, 253, 3385, 282]  # 7 tokens: 10 + 7 = 17 cached tokens -> 5 blocks per request
-    seqs = []
-    for _ in range(16):
+    prompt = [1, 504, 2988, 314, 253, 3385, 282]  # 7 tokens: 10 + 7 = 17 cached positions -> 5 blocks per request
+
+    def add():
         s = engine.make_sequence(GenerateRequest(prompt_token_ids=prompt, adapter_id="prefix",
                                                  sampling=SamplingParams(max_new_tokens=3)))
         engine.add(s)
-        seqs.append(s)
-    engine.step()  # admits and prefills all 16
-    shared = engine.prefixes.prefixes[("prefix", 0)].blocks
-    assert len(shared) == 3 and engine.prefixes.num_blocks == 3
-    assert all(s.block_table[:2] == shared[:2] for s in seqs)
-    assert [engine.blocks.allocator.ref_counts[b] for b in shared] == [17, 17, 1]
-    own = 5 - 2  # blocks each request holds alone (the copied partial block included)
-    assert engine.blocks.allocator.num_used == 3 + 16 * own  # vs 16 * 5 = 80 without sharing
+        return s
+
+    outs: dict[str, list[int]] = {}
+
+    def step():
+        for o in engine.step():
+            outs.setdefault(o.request_id, []).extend(o.token_ids)
+
+    first = add()
+    step()  # prefills the first: its 4 full blocks are registered
+    seqs = [first] + [add() for _ in range(15)]
+    step()
+    shared = first.block_table[:4]
+    assert all(s.block_table[:4] == shared and len(s.block_table) == 5 for s in seqs)
+    assert [engine.blocks.allocator.ref_counts[b] for b in shared] == [16] * 4
+    assert engine.blocks.allocator.num_used == 4 + 16  # vs 16 * 5 = 80 without sharing
+    assert len(engine.blocks.allocator.virtual) == 3  # blocks holding virtual tokens: positions 0-11
+    assert engine.blocks.prefix_hits == 15 * 16
     while engine.has_work():
-        engine.step()
-    assert engine.blocks.allocator.num_used == 3  # the prefix stays materialized while the adapter is loaded
+        step()
+    assert len(outs) == 16 and len({tuple(v) for v in outs.values()}) == 1  # the same tokens for all 16
+    assert engine.blocks.allocator.num_used == 0 and engine.blocks.allocator.num_cached >= 4  # idle, still cached
     engine.adapters.unload("prefix")
     engine.step()
-    assert engine.blocks.allocator.num_used == 0 and engine.prefixes.num_blocks == 0
+    assert engine.blocks.allocator.num_cached == 0 and not engine.blocks.allocator.virtual  # its KV is forgotten
 
 
 def test_unserved_kinds_are_refused_by_name(tmp_path):

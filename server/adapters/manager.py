@@ -16,6 +16,7 @@ lock guards the registry; disk I/O happens outside it.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import threading
@@ -39,6 +40,7 @@ from server.adapters.pool import PagePool, PoolFullError, page_size_for
 from server.engine.errors import AdapterNotFoundError
 
 log = logging.getLogger("tessera.adapters")
+_instances = itertools.count(1)
 
 
 class AdapterObserver(Protocol):
@@ -63,6 +65,7 @@ class AdapterEntry:
     refs: int = 0  # queued + running requests
     unloading: bool = False
     chat_template: str | None = None  # the adapter's own (loader/chat_template.py); None = the base model's
+    instance: int = 0  # which reading of its files is in memory: new at every load from disk (the KV cache's key)
     last_used: float = field(default_factory=time.monotonic)
 
     @property
@@ -105,6 +108,7 @@ class AdapterManager:
         self.num_evictions = 0
         self._lock = threading.RLock()
         self._loading: dict[str, _LoadJob] = {}
+        self._retired: list[int] = []  # instances dropped from memory, for the engine to forget their KV
         # Set by the engine once the KV cache exists: num_virtual_tokens -> why a prompt-learning adapter's
         # shared prefix can never fit the cache's adapter share (None: it fits). Checked at load.
         self.prompt_kv_refusal: Callable[[int], str | None] | None = None
@@ -196,6 +200,7 @@ class AdapterManager:
             e.kind, e.family, e.nbytes = adapter.kind, family, nbytes
             e.rank = adapter.rank if family == "lora" else 0
             e.host, e.last_used, e.chat_template = host, time.monotonic(), chat_template
+            e.instance = next(_instances)
             if hold:
                 self._take(e)
         dt = time.perf_counter() - t0
@@ -336,9 +341,17 @@ class AdapterManager:
         self.num_evictions += 1
         log.debug("adapter %s evicted from the device pool (kept in host memory)", e.adapter_id)
 
+    def take_retired(self) -> list[int]:
+        """Instances dropped from memory since the last call (their cached KV is dead)."""
+        with self._lock:
+            out, self._retired = self._retired, []
+            return out
+
     def _drop(self, e: AdapterEntry) -> None:
         if e.device is not None:
             self._evict(e)
+        if e.host is not None:
+            self._retired.append(e.instance)
         e.host = None
         self.entries.pop(e.adapter_id, None)
 
@@ -363,6 +376,7 @@ class AdapterManager:
             if x.device is not None:
                 self._evict(x)
             x.host = None
+            self._retired.append(x.instance)
             used -= x.nbytes
             log.info("adapter %s dropped from host memory to make room for %s (reloads from %s)", x.adapter_id,
                      adapter_id, x.path)

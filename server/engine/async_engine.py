@@ -38,7 +38,10 @@ class EngineStats:
     adapter_pool_pages: int
     adapter_pool_pages_used: int
     adapter_kinds: dict[str, int]  # lora / dora / adalora / prefix / prompt / p_tuning / multitask / ia3 / adaption_prompt
-    adapter_kv_blocks: int  # KV blocks holding prompt-learning adapters' shared prefixes
+    adapter_kv_blocks: int  # cached KV blocks holding prompt-learning adapters' virtual tokens
+    kv_blocks_cached: int  # blocks findable in the prefix cache (in use or idle)
+    prefix_cache_queries: int  # cache positions looked up at admission
+    prefix_cache_hits: int  # of them found cached
 
 
 class AsyncEngine:
@@ -91,7 +94,9 @@ class AsyncEngine:
                            adapters_waiting=dict(Counter(q.adapter_id for q in waiting if q.adapter_id)),
                            adapter_tiers=dict(ad.tier_counts()), adapter_pool_pages=ad.pool.num_pages,
                            adapter_pool_pages_used=ad.pool.num_used, adapter_kinds=dict(ad.kind_counts()),
-                           adapter_kv_blocks=self.engine.prefixes.num_blocks)
+                           adapter_kv_blocks=len(a.virtual), kv_blocks_cached=a.num_cached,
+                           prefix_cache_queries=self.engine.blocks.prefix_queries,
+                           prefix_cache_hits=self.engine.blocks.prefix_hits)
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()

@@ -22,7 +22,6 @@ from server.engine.request import FinishReason, GenerateRequest, RequestOutput, 
 from server.engine.sampler import Sampler, SamplingState
 from server.engine.scheduler import ScheduledBatch, Scheduler
 from server.engine.sequence import Sequence, SequenceStatus
-from server.adapters.kv_prefix import KVPrefixStore
 from server.engine.stop import StopStringMatcher
 from server.model.llama import LlamaModel
 
@@ -53,20 +52,19 @@ class LLMEngine:
                                        host_memory=cfg.adapter_host_memory, max_lora_rank=cfg.max_lora_rank,
                                        load_on_demand=cfg.load_adapters_on_demand, lora_dtype=cfg.torch_lora_dtype)
         self.runner = ModelRunner(self.model, num_blocks, cfg.block_size, self.adapters)
-        self.blocks = BlockManager(num_blocks, cfg.block_size)
-        # prompt-learning adapters: shared KV prefixes, at most this share of the KV cache
-        self.prefixes = KVPrefixStore(self.blocks, self.runner, mc, int(num_blocks * cfg.adapter_kv_fraction))
-        self.adapters.prompt_kv_refusal = self.prefixes.refusal  # a prefix over the budget is refused at load
+        self.blocks = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        # prompt-learning adapters' virtual tokens: at most this share of the KV cache per adapter (refused at load)
+        self.adapter_kv_budget = int(num_blocks * cfg.adapter_kv_fraction)
+        self.adapters.prompt_kv_refusal = self._prompt_kv_refusal
         self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens,
-                                   self._adapter_gate, self._adapter_release, self.prefixes.reclaim,
-                                   self.adapters.family)
+                                   self._adapter_gate, self._adapter_release, self.adapters.family)
         self.sampler = Sampler()
         self.eos_ids = set(mc.eos_token_ids)
         self.requests: dict[str, Sequence] = {}
         log.info("model %s on %s/%s ready in %.1fs: %d layers, %.1f MiB weights, %d KV blocks of %d tokens "
-                 "(%.1f MiB)", mc.name, self.device, str(self.dtype).removeprefix("torch."),
+                 "(%.1f MiB), prefix caching %s", mc.name, self.device, str(self.dtype).removeprefix("torch."),
                  time.monotonic() - t0, mc.num_hidden_layers, self.weight_bytes / 2**20, num_blocks,
-                 cfg.block_size, self.runner.kv_cache_bytes / 2**20)
+                 cfg.block_size, self.runner.kv_cache_bytes / 2**20, "on" if cfg.enable_prefix_caching else "off")
 
     @classmethod
     def from_config(cls, cfg: EngineConfig) -> "LLMEngine":
@@ -123,7 +121,9 @@ class LLMEngine:
         if request.task_id is not None and not seq.adapter_id:
             raise InvalidRequestError("task_id needs an adapter_id (a multitask prompt tuning adapter)")
         if seq.adapter_id:
-            self.adapters.acquire(seq.adapter_id)  # raises AdapterNotFoundError; released in _finish
+            entry = self.adapters.acquire(seq.adapter_id)  # raises AdapterNotFoundError; released in _finish
+            # the loaded instance is fixed while the request holds it: its KV is this instance's alone
+            seq.cache_salt = f"a{entry.instance}/t{request.task_id or 0}".encode()
             try:
                 self._place_after_prefix(seq, request, len(ids) + p.max_new_tokens)
             except Exception:
@@ -158,7 +158,7 @@ class LLMEngine:
         if length + a.num_virtual_tokens > self.max_model_len:
             raise InvalidRequestError(f"{a.num_virtual_tokens} virtual tokens + prompt + max_new_tokens exceed the "
                                       f"context of {self.max_model_len} tokens")
-        seq.prefix_len = seq.position_offset = a.num_virtual_tokens
+        seq.prefix_len = a.num_virtual_tokens
         seq.task_id = task
 
     def add(self, seq: Sequence) -> None:
@@ -184,18 +184,31 @@ class LLMEngine:
                 return False
         if not self.adapters.make_resident(seq.adapter_id):
             return False
-        if seq.prefix_len and not self.prefixes.attach(seq, self.adapters.adapter(seq.adapter_id), seq.task_id):
-            return False
         self.adapters.pin(seq.adapter_id)
         seq.adapter_pinned = True
         return True
 
-    def _loaded_adapter(self, adapter_id: str):
-        e = self.adapters.get(adapter_id)
-        return None if e is None else e.host
+    def _prompt_kv_refusal(self, num_virtual_tokens: int) -> str | None:
+        """Why an adapter with this many virtual tokens can never be served (None: it fits the budget)."""
+        need = -(-num_virtual_tokens // self.cfg.block_size)
+        if need <= self.adapter_kv_budget:
+            return None
+        return (f"needs {need} KV blocks for its {num_virtual_tokens} virtual tokens but --adapter-kv-fraction "
+                f"allows {self.adapter_kv_budget} of the {self.blocks.allocator.num_blocks}-block cache: raise "
+                "--adapter-kv-fraction or --kv-cache-memory")
+
+    def _forget_retired_adapters(self) -> None:
+        """Cached KV of adapter instances that were unloaded or dropped from memory can never be hit again."""
+        for instance in self.adapters.take_retired():
+            self.blocks.allocator.forget_salt(f"a{instance}/".encode())
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached block and the hit counts (blocks in use stay with their sequences)."""
+        self._forget_retired_adapters()
+        self.blocks.allocator.reset_cache()
+        self.blocks.prefix_queries = self.blocks.prefix_hits = 0
 
     def _adapter_release(self, seq: Sequence) -> None:
-        self.prefixes.detach(seq)
         if seq.adapter_pinned:
             self.adapters.unpin(seq.adapter_id)
             seq.adapter_pinned = False
@@ -229,7 +242,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """One engine step. A problem of one sequence fails that sequence alone; a forward pass that raises
         is rerun in halves (_execute) so that only the sequences that fail on their own end."""
-        self.prefixes.collect(self._loaded_adapter)
+        self._forget_retired_adapters()
         batch = self.scheduler.schedule()
         outputs = [self.fail(seq, msg) for seq, msg in batch.failed]
         if not batch.seqs:
@@ -239,6 +252,7 @@ class LLMEngine:
         for seq, n in zip(batch.seqs, batch.num_tokens):
             if not seq.finished:
                 seq.num_computed += n
+                self.blocks.cache_computed(seq)  # its full blocks can now be shared
         if not seqs:
             return outputs
         try:

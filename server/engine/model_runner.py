@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from dataclasses import dataclass, field
 
 import torch
 
@@ -45,90 +46,112 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor]:
         """Run one step. -> (sequences that sample a token now, their logits [N, vocab] fp32)."""
-        input_ids, positions, attn, sample_rows, samplers = self._prepare(batch)
-        lora = self._adapter_batch(batch, input_ids.numel())
-        hidden = self.model(input_ids, positions, attn, adapters=lora)
-        if not samplers:
+        step = self._prepare(batch)
+        for slots, kv in step.kv_writes:  # prefix-tuning virtual tokens: their K/V is the adapter itself
+            self.write_kv(slots, kv)
+        if step.input_ids.numel() == 0:  # nothing but such writes this step
+            return [], torch.empty(0, self.model.config.vocab_size, dtype=torch.float32, device=self.device)
+        embeds = None
+        if step.virtual_embeds:  # prompt-tuning virtual tokens: the adapter's embeddings replace the lookup
+            embeds = self.model.embed_tokens(step.input_ids)
+            for row, e in step.virtual_embeds:
+                embeds[row:row + e.shape[0]] = e.to(self.device, embeds.dtype)
+        lora = self._adapter_batch(step.spans, step.input_ids.numel())
+        hidden = self.model(step.input_ids, step.positions, step.attn, adapters=lora, inputs_embeds=embeds)
+        if not step.samplers:
             return [], hidden.new_empty(0, self.model.config.vocab_size, dtype=torch.float32)
-        return samplers, self.model.logits(hidden[sample_rows])
+        return step.samplers, self.model.logits(hidden[step.sample_rows])
 
-    def _adapter_batch(self, batch: ScheduledBatch, num_tokens: int):
+    def _adapter_batch(self, spans: list[tuple[Sequence, int, int]], num_tokens: int):
         """The step's adapter appliers for the linear seam (prompt-learning adapters act through the KV cache)."""
-        if self.adapters is None or not any(s.adapter_id for s in batch.seqs):
+        if self.adapters is None or not any(s.adapter_id for s, _, _ in spans):
             return None
-        spans: dict[str, list] = {"lora": [], "ia3": [], "adaption": []}
-        start = 0
-        for seq, n in zip(batch.seqs, batch.num_tokens):
+        by_family: dict[str, list] = {"lora": [], "ia3": [], "adaption": []}
+        for seq, start, n in spans:
             family = self.adapters.family(seq.adapter_id) if seq.adapter_id else None
-            if family in spans:
-                spans[family].append((seq.adapter_id, start, n))
-            start += n
+            if family in by_family:
+                by_family[family].append((seq.adapter_id, start, n))
         appliers = []
-        if spans["lora"]:
-            appliers.append(self.lora_batch(self.adapters.pool.buffer, spans["lora"], num_tokens,
-                                                  self.adapters.resident, self.device))
-        if spans["ia3"]:
-            appliers.append(Ia3Batch.build(spans["ia3"], self.adapters.adapter))
-        if spans["adaption"]:
-            appliers.append(AdaptionBatch.build(spans["adaption"], self.adapters.adapter))
+        if by_family["lora"]:
+            appliers.append(self.lora_batch(self.adapters.pool.buffer, by_family["lora"], num_tokens,
+                                            self.adapters.resident, self.device))
+        if by_family["ia3"]:
+            appliers.append(Ia3Batch.build(by_family["ia3"], self.adapters.adapter))
+        if by_family["adaption"]:
+            appliers.append(AdaptionBatch.build(by_family["adaption"], self.adapters.adapter))
         return None if not appliers else appliers[0] if len(appliers) == 1 else StepAdapters(appliers)
 
-    # -- shared KV prefixes (prompt-learning adapters, server/adapters/kv_prefix.py) ---------------
+    # -- prefix-tuning adapters' virtual tokens --------------------------------------------------
     @torch.inference_mode()
     def write_kv(self, slots: torch.Tensor, kv: torch.Tensor) -> None:
         """kv [2 * layers, n, KVH, D] (row 2i keys, 2i + 1 values of layer i) into cache slots [n]."""
         cache = self.kv_cache.view(-1, *self.kv_cache.shape[2:])  # [layers * 2, slots, KVH, D]
         cache[:, slots.to(self.device)] = kv.to(self.device, self.kv_cache.dtype)
 
-    @torch.inference_mode()
-    def prefill_embeddings(self, embeds: torch.Tensor, slots: torch.Tensor) -> None:
-        """Run embeds [n, hidden] as a sequence at positions 0 .. n - 1, keeping its K/V in `slots` [n]."""
-        n = embeds.shape[0]
-        slots = slots.to(self.device)
-        attn = AttentionMetadata(slot_mapping=slots, num_decodes=0, decode_block_tables=None, decode_lens=None,
-                                 prefills=[PrefillChunk(0, n, n, slots)])
-        positions = torch.arange(n, device=self.device)
-        self.model(positions, positions, attn, inputs_embeds=embeds.to(self.device, self.model.dtype))
-
-    @torch.inference_mode()
-    def copy_kv(self, src: torch.Tensor, dst: torch.Tensor) -> None:
-        """Copy every layer's K/V from cache slots src [n] to dst [n]."""
-        self.kv_cache[:, :, dst.to(self.device)] = self.kv_cache[:, :, src.to(self.device)]
-
-    def _prepare(self, batch: ScheduledBatch):
+    def _prepare(self, batch: ScheduledBatch) -> "_StepInputs":
+        """The step's model inputs. Each sequence runs cache positions num_computed .. num_computed + n - 1;
+        position p < prefix_len is virtual token p of its adapter (written or embedded, never looked up)."""
         bs = self.block_size
+        step = _StepInputs()
         ids: list[int] = []
         pos: list[int] = []
         slot_parts: list[torch.Tensor] = []
         sample_rows: list[int] = []
-        samplers: list[Sequence] = []
         prefills: list[PrefillChunk] = []
         nd = batch.num_decodes
         dec_tables: list[list[int]] = []
         dec_lens: list[int] = []
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_tokens)):
-            start, cached = len(ids), seq.num_cached_tokens
-            ids.extend(seq.token_ids[seq.num_computed:seq.num_computed + n])
-            first_pos = seq.position_offset + seq.num_computed
-            pos.extend(range(first_pos, first_pos + n))
+            c, end = seq.num_computed, seq.num_computed + n
             table = torch.tensor(seq.block_table, dtype=torch.int64)
-            ctx_slots = (table[:, None] * bs + self._block_offsets).flatten()[:cached + n]  # [ctx]
-            slot_parts.append(ctx_slots[cached:])
+            ctx_slots = (table[:, None] * bs + self._block_offsets).flatten()[:end]  # [ctx]
+            first = c  # first position that runs through the model
+            if c < seq.prefix_len:
+                v_end = min(end, seq.prefix_len)
+                prompt = self.adapters.adapter(seq.adapter_id)
+                if prompt.kind == "prefix":
+                    step.kv_writes.append((ctx_slots[c:v_end], prompt.prefix_kv(self.model.config)[:, c:v_end]))
+                    first = v_end
+                else:
+                    step.virtual_embeds.append((len(ids), prompt.embeddings(seq.task_id)[c:v_end]))
+            m = end - first
+            if m == 0:
+                continue
+            start = len(ids)
+            v = seq.prefix_len
+            ids.extend([0] * max(0, min(end, v) - first) + seq.token_ids[max(first, v) - v:end - v])
+            pos.extend(range(first, end))
+            slot_parts.append(ctx_slots[first:])
+            step.spans.append((seq, start, m))
             if i < nd:
                 dec_tables.append(seq.block_table)
-                dec_lens.append(cached + 1)
+                dec_lens.append(end)
             else:
-                prefills.append(PrefillChunk(start, n, cached + n, ctx_slots.to(self.device)))
-            if seq.num_computed + n == len(seq.token_ids):
-                sample_rows.append(start + n - 1)
-                samplers.append(seq)
+                prefills.append(PrefillChunk(start, m, end, ctx_slots.to(self.device)))
+            if end == seq.num_tokens:
+                sample_rows.append(start + m - 1)
+                step.samplers.append(seq)
         dec_bt = dec_len = None
-        if nd:
+        if dec_tables:
             width = max(len(t) for t in dec_tables)
             dec_bt = torch.tensor([t + [0] * (width - len(t)) for t in dec_tables], dtype=torch.int64).to(self.device)
             dec_len = torch.tensor(dec_lens, dtype=torch.int32).to(self.device)
-        attn = AttentionMetadata(slot_mapping=torch.cat(slot_parts).to(self.device), num_decodes=nd,
-                                 decode_block_tables=dec_bt, decode_lens=dec_len, prefills=prefills)
-        input_ids = torch.tensor(ids, dtype=torch.int64, device=self.device)
-        positions = torch.tensor(pos, dtype=torch.int64, device=self.device)
-        return input_ids, positions, attn, torch.tensor(sample_rows, device=self.device), samplers
+        slots = torch.cat(slot_parts) if slot_parts else torch.empty(0, dtype=torch.int64)
+        step.attn = AttentionMetadata(slot_mapping=slots.to(self.device), num_decodes=len(dec_tables),
+                                      decode_block_tables=dec_bt, decode_lens=dec_len, prefills=prefills)
+        step.input_ids = torch.tensor(ids, dtype=torch.int64, device=self.device)
+        step.positions = torch.tensor(pos, dtype=torch.int64, device=self.device)
+        step.sample_rows = torch.tensor(sample_rows, dtype=torch.int64, device=self.device)
+        return step
+
+
+@dataclass
+class _StepInputs:
+    input_ids: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
+    attn: AttentionMetadata | None = None
+    sample_rows: torch.Tensor | None = None
+    samplers: list[Sequence] = field(default_factory=list)  # sequences that sample a token after this step
+    spans: list[tuple[Sequence, int, int]] = field(default_factory=list)  # (seq, first row, rows) in the forward
+    kv_writes: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (slots, [2L, n, KVH, D])
+    virtual_embeds: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (first row, [n, hidden])

@@ -1,9 +1,10 @@
 """Continuous batching: which sequences run this step, and how many tokens each.
 
 Every step has a token budget. Running sequences that decode (one token) go first, then running
-sequences still prefilling (in chunks), then waiting ones in arrival order. When KV blocks run
-out, idle cached blocks (unused shared prefixes) are reclaimed first, then the youngest running
-sequence is preempted: its blocks are freed and it is recomputed later.
+sequences still prefilling (in chunks), then waiting ones in arrival order. A waiting sequence starts
+on the cached blocks of its longest already-computed prefix (block_manager.py) and computes the rest.
+When KV blocks run out, idle cached blocks are evicted first (the allocator does it on demand), then
+the youngest running sequence is preempted: its blocks are freed and it is recomputed later.
 
 Progress: admission (LLMEngine.make_sequence) refuses a request that needs more blocks than the cache
 has, so the oldest running sequence can always grow (everything else can be reclaimed or preempted),
@@ -46,14 +47,11 @@ class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
                  adapter_gate: Callable[[Sequence, list[Sequence]], bool] | None = None,
                  adapter_release: Callable[[Sequence], None] | None = None,
-                 reclaim: Callable[[int], None] | None = None,
                  adapter_family: Callable[[str], str] | None = None):
         self.blocks = block_manager
         # adapter_gate(seq, running): make seq's adapter resident and pin it, or say it cannot run now.
         self.adapter_gate = adapter_gate or (lambda seq, running: True)
         self.adapter_release = adapter_release or (lambda seq: None)
-        # reclaim(n): free idle cached blocks (unused shared prefixes) until n blocks are free, if it can
-        self.reclaim = reclaim or (lambda n: None)
         # which resource an adapter competes for (lora: slots and pool pages; prompt: KV prefix room)
         self.adapter_family = adapter_family or (lambda adapter_id: "adapter")
         self.max_num_seqs = max_num_seqs
@@ -120,13 +118,15 @@ class Scheduler:
             if not ready:
                 blocked.append(self.waiting.popleft())
                 continue
-            n = min(seq.num_uncomputed, budget)
-            need = self.blocks.blocks_needed(seq, n)
+            hits = self.blocks.find_cached(seq)  # leading blocks another request already computed
+            n = min(seq.num_uncomputed - len(hits) * self.blocks.block_size, budget)
+            need = -(-(len(hits) * self.blocks.block_size + n) // self.blocks.block_size) - len(hits)
             # the watermark keeps room for running sequences to grow; with none running it only starves
-            if not self._can_allocate(need + (self._watermark if self.running else 0)):
+            if not self._can_allocate(need + self.blocks.num_revived(hits) + (self._watermark if self.running else 0)):
                 self.adapter_release(seq)
                 break
             self.waiting.popleft()
+            self.blocks.reuse(seq, hits)
             self.blocks.grow(seq, n)
             seq.status = SequenceStatus.RUNNING
             if seq.first_scheduled_time is None:
@@ -158,10 +158,7 @@ class Scheduler:
         return True
 
     def _can_allocate(self, num_blocks: int) -> bool:
-        if self.blocks.can_allocate(num_blocks):
-            return True
-        self.reclaim(num_blocks)
-        return self.blocks.can_allocate(num_blocks)
+        return self.blocks.can_allocate(num_blocks)  # idle cached blocks count: they are evicted on demand
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

@@ -22,16 +22,20 @@ class Sequence:
     params: SamplingParams
     adapter_id: str | None = None
     arrival_time: float = field(default_factory=time.monotonic)
-    # A shared KV prefix (prefix/prompt-tuning adapters): cache tokens ahead of the real ones that
-    # have no token ids; real token i sits at position position_offset + i.
+    # Virtual tokens (prefix/prompt-tuning adapters): cache positions 0 .. prefix_len - 1 that have no token
+    # ids; real token i sits at cache position (and rotary position) prefix_len + i. Their keys/values are
+    # written or computed by the step like any other position, and shared through the prefix cache.
     prefix_len: int = 0
-    position_offset: int = 0
     task_id: int = 0  # multitask prompt tuning: which task's prompt
-    kv_prefix: tuple[str, int] | None = None  # the shared prefix attached to block_table (kv_prefix.py)
+    # Who made this sequence's keys/values besides the base model (the adapter's loaded instance, task):
+    # part of every block hash, so no other adapter, and no reload of this one, ever reuses its KV.
+    cache_salt: bytes = b""
 
     token_ids: list[int] = field(init=False)  # prompt + generated
-    num_computed: int = 0  # real tokens whose K/V is in the cache
+    num_computed: int = 0  # cache positions (virtual ones included) whose K/V is in the cache
     block_table: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)  # of its full blocks, in order (block_manager.py)
+    num_cached_blocks: int = 0  # leading blocks of block_table registered in the prefix cache
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
     error: str | None = None
@@ -60,13 +64,24 @@ class Sequence:
         return self.token_ids[len(self.prompt_ids):]
 
     @property
+    def num_tokens(self) -> int:
+        """Cache positions: virtual tokens + prompt + generated."""
+        return self.prefix_len + len(self.token_ids)
+
+    @property
     def num_cached_tokens(self) -> int:
-        return self.prefix_len + self.num_computed
+        return self.num_computed
 
     @property
     def num_uncomputed(self) -> int:
-        """Tokens still to run through the model before the next token can be sampled."""
-        return len(self.token_ids) - self.num_computed
+        """Positions still to run through the model before the next token can be sampled."""
+        return self.num_tokens - self.num_computed
+
+    def cache_tokens(self, start: int, end: int) -> list[int]:
+        """What sits at cache positions start .. end - 1: token ids, or -1 - i for virtual token i."""
+        v = self.prefix_len
+        head = [-1 - i for i in range(start, min(end, v))]
+        return head + self.token_ids[max(start, v) - v:end - v] if end > v else head
 
     @property
     def finished(self) -> bool:
@@ -75,5 +90,6 @@ class Sequence:
     def reset_for_recompute(self) -> None:
         """After preemption: the cache is gone, prompt + generated tokens are prefilled again."""
         self.num_computed = 0
+        self.num_cached_blocks = 0
         self.num_preemptions += 1
         self.status = SequenceStatus.WAITING

@@ -58,7 +58,7 @@ def warm_up(engine) -> float:
         finally:
             if engine.adapters.get(WARMUP_ADAPTER) is not None:
                 engine.adapters.unload(WARMUP_ADAPTER)
-    engine.prefixes.collect(lambda _: None)
+    engine.reset_prefix_cache()  # the warm-up's blocks and counts are not the server's
     dt = time.monotonic() - t0
     log.info("warm-up: base and LoRA requests through prefill and decode in %.2fs", dt)
     return dt
