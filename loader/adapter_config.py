@@ -64,10 +64,12 @@ class ConfigProblems:
     def unserved(self, what: str) -> None:
         self.unsupported.append(what)
 
-    def raise_any(self) -> None:
-        if self.invalid or self.unsupported:
-            raise AdapterLoadError("invalid" if self.invalid else "unsupported",
-                                   f"{self.source}: " + "; ".join(self.invalid + self.unsupported))
+    def raise_any(self, limit: int | None = None) -> None:
+        problems = self.invalid + self.unsupported
+        if problems:
+            shown = problems[:limit] if limit else problems
+            raise AdapterLoadError("invalid" if self.invalid else "unsupported", f"{self.source}: " + "; ".join(shown)
+                                   + (" ..." if len(shown) < len(problems) else ""))
 
     def unknown_fields(self, d: dict[str, Any], known: set[str]) -> None:
         """Fields we do not know are refused unless they hold an empty / default value."""

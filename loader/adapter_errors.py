@@ -10,6 +10,7 @@ REASONS = ("invalid", "not_found", "incompatible", "too_large", "no_room", "unsu
 
 class AdapterLoadError(Exception):
     def __init__(self, reason: str, message: str):
-        assert reason in REASONS, reason
+        if reason not in REASONS:  # a programming error, caught in every test that raises it
+            raise ValueError(f"AdapterLoadError reason must be one of {REASONS}, got {reason!r}")
         super().__init__(message)
         self.reason = reason

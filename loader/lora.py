@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from safetensors import safe_open
 
-from loader.adapter_config import LINEAR_MODULES, UNSERVED_TYPES, LoraAdapterConfig
+from loader.adapter_config import LINEAR_MODULES, UNSERVED_TYPES, ConfigProblems, LoraAdapterConfig
 from loader.adapter_errors import AdapterLoadError
 from loader.config import ModelConfig
 
@@ -149,23 +149,21 @@ def load_lora_adapter(adapter_id: str, path: Path, model: ModelConfig, max_rank:
     tensors = read_safetensors(path)
     dims = module_dims(model)
     parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-    problems: list[str] = []
+    problems = ConfigProblems(path.name)  # the reason is set by what each problem is, not read from its text
     for key, t in tensors.items():
         m = _KEY.match(key)
         if m is None:
-            problems.append(f"unsupported tensor {key} (only LoRA on the linear layers of the decoder is served)")
+            problems.unserved(f"unsupported tensor {key} (only LoRA on the linear layers of the decoder is served)")
             continue
         layer, parent, module, part = int(m.group(2)), m.group(3), m.group(4), m.group(5)
         if module not in _PARENT or _PARENT[module] != parent:
-            problems.append(f"{key}: unknown module {parent}.{module}")
+            problems.bad(key, f"unknown module {parent}.{module}")
             continue
         if layer >= model.num_hidden_layers:
             raise AdapterLoadError("incompatible", f"{path.name}: tensor {key} is for layer {layer} but the base "
                                    f"model has {model.num_hidden_layers} layers (made for another base model?)")
         parts.setdefault((layer, module), {})[part] = t
-    if problems:
-        raise AdapterLoadError("unsupported" if any("unsupported" in p for p in problems) else "invalid",
-                               f"{path.name}: " + "; ".join(problems[:5]) + (" ..." if len(problems) > 5 else ""))
+    problems.raise_any(limit=5)
     expected = {(layer, mod) for layer in range(model.num_hidden_layers) for mod in LINEAR_MODULES
                 if cfg.targets(f"model.layers.{layer}.{_PARENT[mod]}.{mod}")}
     if not expected:

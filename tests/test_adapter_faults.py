@@ -225,7 +225,7 @@ def test_fifth_adapter_is_kept_when_the_four_before_it_are_device_resident(model
     with caplog.at_level(logging.INFO, logger="tessera.adapters"):
         e = m.load("big")
     assert e.host is not None and not any("big dropped" in r.getMessage() for r in caplog.records)
-    assert m.acquire("big") is e and e.refs == 1
+    assert m.acquire("big").entry is e and e.refs == 1
     assert sum(x.nbytes for x in m.entries.values() if x.host is not None) <= host
     # the least recently used one made room (its device pages went first); the others stay where they were
     assert m.entries["s0"].residency == "disk" and m.pool.num_used == sum(
@@ -271,7 +271,7 @@ def test_an_adapter_dropped_between_its_load_and_acquire_is_read_again(model, tm
     m.load("s1")
     m.load("big")  # s0 (least recently used, idle) makes room
     assert m.entries["s0"].host is None and m.needs_load("s0")
-    e = m.acquire("s0")
+    e = m.acquire("s0").entry
     assert e.host is not None and e.refs == 1
     held = m.load("s1", hold=True)  # load with a reference held: nothing can drop it before it is used
     assert held.refs == 1 and held.host is not None

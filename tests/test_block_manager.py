@@ -90,14 +90,21 @@ def test_a_request_blocked_on_its_adapter_is_not_overtaken_by_new_adapters():
     waiting forever; D (base) and E (A's adapter) add no adapter and go."""
     pages = {"a": 2, "b": 4, "c": 2}
 
-    def gate(seq, running):
-        if seq.adapter_id is None:
-            return True
-        resident = {s.adapter_id for s in running if s.adapter_id}
-        return seq.adapter_id in resident or sum(pages[x] for x in resident) + pages[seq.adapter_id] <= 4
+    class Pages:  # the scheduler's AdapterGate: a 4-page pool shared by LoRA adapters
+        def group(self, seq):
+            return None if seq.adapter_id is None else "pool"
+
+        def admit(self, seq, running):
+            if seq.adapter_id is None:
+                return True
+            resident = {s.adapter_id for s in running if s.adapter_id}
+            return seq.adapter_id in resident or sum(pages[x] for x in resident) + pages[seq.adapter_id] <= 4
+
+        def release(self, seq):
+            pass
 
     bm = BlockManager(num_blocks=64, block_size=4)
-    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=256, adapter_gate=gate)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=256, adapters=Pages())
     seqs = {}
     for name, adapter in [("A", "a"), ("B", "b"), ("C", "c"), ("D", None), ("E", "a")]:
         seqs[name] = _seq(name, 3)

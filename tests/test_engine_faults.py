@@ -149,8 +149,8 @@ def test_a_request_as_large_as_the_cache_finishes_next_to_an_idle_shared_prefix(
     preempted itself over and over; idle cached blocks (the adapter's virtual tokens) are evicted when the
     cache is short."""
     engine.adapters.load("prefix")
-    _run(engine, [GenerateRequest(prompt="Hi", sampling=SamplingParams(max_new_tokens=2), adapter_id="prefix",
-                                  request_id="p")])
+    _run(engine, [GenerateRequest(prompt="Hi there, " * 12, sampling=SamplingParams(max_new_tokens=2),
+                                  adapter_id="prefix", request_id="p")])  # fills whole blocks: they stay cached
     assert engine.blocks.allocator.virtual and engine.blocks.allocator.num_used == 0  # cached, idle
     preemptions = engine.scheduler.num_preemptions
     _fill_the_cache(engine)

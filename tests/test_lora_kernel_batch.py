@@ -68,20 +68,23 @@ def _peft_adapters(hf, root, names=None, bf16_exact=False):
     return peft_models
 
 
-def _run_batch(runner, blocks, work, prompts, tag):
+def _run_batch(runner, blocks, work, prompts, tag, mgr):
     """One step over `work` [(adapter or None, tokens)] through `runner`: (logits [T, vocab], the step's applier)."""
     batch = ScheduledBatch()
     for i, ((adapter, n), p) in enumerate(zip(work, prompts)):
-        s = Sequence(f"{tag}{i}", p, SamplingParams(), adapter_id=adapter)
+        s = Sequence(f"{tag}{i}", p, SamplingParams(), adapter_id=adapter,
+                     adapter=mgr.acquire(adapter) if adapter else None)
         blocks.grow(s, n)
         batch.seqs.append(s)
         batch.num_tokens.append(n)
     with torch.inference_mode():
-        ids, pos, attn, _, _ = runner._prepare(batch)
-        lora = runner._adapter_batch(batch, ids.numel())
-        logits = runner.model.logits(runner.model(ids, pos, attn, adapters=lora)).cpu()
+        step = runner._prepare(batch)
+        lora = runner._adapter_batch(step.spans, step.input_ids.numel())
+        logits = runner.model.logits(runner.model(step.input_ids, step.positions, step.attn, adapters=lora)).cpu()
     for s in batch.seqs:
         blocks.free(s)
+        if s.adapter is not None:
+            mgr.release(s.adapter)
     return logits, lora
 
 
@@ -111,7 +114,7 @@ def test_kernel_batch_equals_torch_path_and_peft(tmp_path, ops):
     for name in peft_models:
         mgr.load(name)
         assert mgr.make_resident(name)
-    assert any(mgr.resident(n).groups[(0, "q_proj")].A is None for n in ("r4-qv", "r16-all")), "pages not scattered"
+    assert any(mgr.entries[n].device.groups[(0, "q_proj")].A is None for n in ("r4-qv", "r16-all")), "pages not scattered"
 
     gen = torch.Generator().manual_seed(1)
     work = [("r4-qv", 1), (None, 1), ("r16-all", 1), ("r16-all", 1), ("dora", 1),  # decode-like single tokens
@@ -122,9 +125,9 @@ def test_kernel_batch_equals_torch_path_and_peft(tmp_path, ops):
     blocks = BlockManager(num_blocks=64, block_size=4)
     logits = {}
     for cls in (LoraBatch, KernelLoraBatch):
-        runner = ModelRunner(model, num_blocks=64, block_size=4, adapters=mgr)
+        runner = ModelRunner(model, num_blocks=64, block_size=4, pool=mgr.pool)
         runner.lora_batch = LoraBatch.build if cls is LoraBatch else functools.partial(KernelLoraBatch.build, ops=ops)
-        logits[cls], lora = _run_batch(runner, blocks, work, prompts, cls.__name__)
+        logits[cls], lora = _run_batch(runner, blocks, work, prompts, cls.__name__, mgr)
         assert isinstance(lora, cls)
         if cls is KernelLoraBatch:
             assert lora.fused is ops[2]
@@ -153,12 +156,12 @@ def test_bf16_pool_equals_peft_on_bf16_exact_adapters(tmp_path, path):
     for name in peft_models:
         mgr.load(name)
         assert mgr.make_resident(name)
-    runner = ModelRunner(model, num_blocks=64, block_size=4, adapters=mgr)
+    runner = ModelRunner(model, num_blocks=64, block_size=4, pool=mgr.pool)
     if path == "torch":
         runner.lora_batch = LoraBatch.build
     gen = torch.Generator().manual_seed(2)
     work = [("r4-qv", 1), ("r16-all", 1), (None, 1), ("r33-mlp", 1), ("r16-all", 12), ("r4-qv", 40)]
     prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for _, n in work]
-    logits, lora = _run_batch(runner, BlockManager(num_blocks=64, block_size=4), work, prompts, path)
+    logits, lora = _run_batch(runner, BlockManager(num_blocks=64, block_size=4), work, prompts, path, mgr)
     assert isinstance(lora, KernelLoraBatch if path == "default" else LoraBatch)
     _assert_equals_peft(logits, work, prompts, hf, peft_models)

@@ -35,6 +35,8 @@ from loader.chat_template import read_chat_template
 from loader.ia3 import Ia3Adapter, load_ia3_adapter
 from loader.lora import load_lora_adapter, module_dims, read_adapter_config
 from loader.prompt_adapter import PROMPT_TYPES, PromptAdapter, load_prompt_adapter
+from server.adapters.handle import AdapterHandle
+from server.adapters.kinds import ADAPTION, IA3, LORA, PROMPT, AdapterKind
 from server.adapters.layout import PackedAdapter, Resident, pack, place
 from server.adapters.pool import PagePool, PoolFullError, page_size_for
 from server.engine.errors import AdapterNotFoundError
@@ -48,15 +50,14 @@ class AdapterObserver(Protocol):
     def adapter_load_failed(self, reason: str) -> None: ...
 
 
-@dataclass
+@dataclass(eq=False)
 class AdapterEntry:
     adapter_id: str
     path: Path
     kind: str
     rank: int
     nbytes: int
-    # lora (pool pages) | prompt (shared KV blocks, server/adapters/kv_prefix.py) | ia3 | adaption (LLaMA-Adapter)
-    family: str = "lora"
+    family: AdapterKind = LORA  # what it needs and adds to a step (server/adapters/kinds.py), chosen at load
     # the serving form in host memory: LoRA packed in page order; prompt/IA3 adapters as loaded (IA3 on device)
     host: PackedAdapter | PromptAdapter | Ia3Adapter | AdaptionAdapter | None = None
     device: Resident | None = None
@@ -190,7 +191,7 @@ class AdapterManager:
             log.exception("adapter %s: unexpected error while reading %s", adapter_id, path)
             raise AdapterLoadError("invalid", f"adapter {adapter_id!r}: could not be read: "
                                    f"{type(exc).__name__}: {exc}") from exc
-        nbytes = host.flat.numel() * host.flat.element_size() if family == "lora" else adapter.nbytes
+        nbytes = host.flat.numel() * host.flat.element_size() if family.uses_pool else adapter.nbytes
         with self._lock:
             e = self.entries.get(adapter_id)
             self._make_host_room(adapter_id, nbytes, e)
@@ -198,34 +199,35 @@ class AdapterManager:
                 e = self.entries[adapter_id] = AdapterEntry(adapter_id, path, adapter.kind, 0, nbytes, family)
             # (re)read from disk: the files may have changed since it was registered
             e.kind, e.family, e.nbytes = adapter.kind, family, nbytes
-            e.rank = adapter.rank if family == "lora" else 0
+            e.rank = adapter.rank if family.uses_pool else 0
             e.host, e.last_used, e.chat_template = host, time.monotonic(), chat_template
             e.instance = next(_instances)
             if hold:
                 self._take(e)
         dt = time.perf_counter() - t0
         log.info("adapter %s loaded from %s: %s%s, %.2f MiB in %.0f ms", adapter_id, path, adapter.kind,
-                 f" rank {adapter.rank}" if family == "lora" else
-                 f" {adapter.rank} virtual tokens" if family == "prompt" else "", adapter.nbytes / 2**20, dt * 1000)
+                 f" rank {adapter.rank}" if family.uses_pool else
+                 f" {family.num_virtual_tokens(adapter)} virtual tokens" if family.num_virtual_tokens(adapter) else "",
+                 adapter.nbytes / 2**20, dt * 1000)
         if self.observer:
             self.observer.adapter_loaded("disk", dt)
         return e
 
     def _read(self, adapter_id: str, path: Path):
-        """Disk -> (family, the loaded adapter, its host serving form), by the config's peft_type."""
+        """Disk -> (its kind, the loaded adapter, its host serving form), by the config's peft_type."""
         ptype = read_adapter_config(path).get("peft_type", "").upper()
         if ptype in PROMPT_TYPES:
             a = load_prompt_adapter(adapter_id, path, self.cfg)
             why = self.prompt_kv_refusal(a.num_virtual_tokens) if self.prompt_kv_refusal else None
             if why:
                 raise AdapterLoadError("no_room", f"adapter {adapter_id!r} {why}")
-            return "prompt", a, a
+            return PROMPT, a, a
         if ptype == "IA3":
             a = load_ia3_adapter(adapter_id, path, self.cfg)
-            return "ia3", a, a.to(self.device, self.dtype)
+            return IA3, a, a.to(self.device, self.dtype)
         if ptype == "ADAPTION_PROMPT":
             a = load_adaption_prompt(adapter_id, path, self.cfg, self.model)
-            return "adaption", a, a
+            return ADAPTION, a, a
         adapter = load_lora_adapter(adapter_id, path, self.cfg, self.max_rank, self.model.linear_weight, self.dtype)
         # pinned host memory on CUDA: fast, asynchronous copies into the pool
         packed = pack(adapter, self.model, self.pool.page_size, pin=self.device.type == "cuda", dtype=self.pool.buffer.dtype)
@@ -233,7 +235,7 @@ class AdapterManager:
             raise AdapterLoadError("no_room", f"adapter {adapter_id!r} needs {packed.num_pages} pool pages "
                                    f"({adapter.nbytes / 2**20:.1f} MiB) but the pool has {self.pool.num_pages}: "
                                    "raise --adapter-memory")
-        return "lora", adapter, packed
+        return LORA, adapter, packed
 
     def unload(self, adapter_id: str) -> int:
         """Forget an adapter. Requests already using it finish first. -> how many are still running."""
@@ -247,7 +249,7 @@ class AdapterManager:
             log.info("adapter %s unloaded%s", adapter_id, f" after {e.refs} running requests" if e.refs else "")
             return e.refs
 
-    def acquire(self, adapter_id: str) -> AdapterEntry:
+    def acquire(self, adapter_id: str, task: int = 0) -> AdapterHandle:
         """A request will use this adapter (counted until release). A registered adapter that the host tier
         dropped to disk (possibly right after its on-demand load) is read again here, blocking."""
         with self._lock:
@@ -256,14 +258,22 @@ class AdapterManager:
                 raise AdapterNotFoundError(f"adapter {adapter_id!r} is not loaded")
             if e.host is not None:
                 self._take(e)
-                return e
-        return self.load(adapter_id, hold=True)
+                return AdapterHandle(e, task)
+        return AdapterHandle(self.load(adapter_id, hold=True), task)
 
     def _take(self, e: AdapterEntry) -> None:
         e.refs += 1
         e.last_used = time.monotonic()
 
-    def release(self, adapter_id: str) -> None:
+    def release(self, handle: AdapterHandle | str) -> None:
+        """Give back a request's reference (a handle is released once, whatever number of calls)."""
+        if isinstance(handle, AdapterHandle):
+            if handle.released:
+                return
+            handle.released = True
+            adapter_id = handle.adapter_id
+        else:
+            adapter_id = handle
         with self._lock:
             e = self.entries.get(adapter_id)
             if e is None:
@@ -287,14 +297,14 @@ class AdapterManager:
             return Counter(e.residency for e in self.entries.values() if not e.unloading)
 
     # -- residency (engine thread) -----------------------------------------------------------------
-    def make_resident(self, adapter_id: str) -> bool:
+    def make_resident(self, adapter: AdapterHandle | str) -> bool:
         """Put the adapter in device pages (evicting unpinned LRU ones). False if it cannot be now."""
         with self._lock:
-            e = self.entries.get(adapter_id)
+            e = adapter.entry if isinstance(adapter, AdapterHandle) else self.entries.get(adapter)
             if e is None or e.host is None:
                 return False
             e.last_used = time.monotonic()
-            if e.device is not None or e.family != "lora":  # prompt KV lives in the engine's blocks; others are tiny
+            if e.device is not None or not e.family.uses_pool:  # the others need no pages
                 return True
             t0 = time.perf_counter()
             need = e.host.num_pages
@@ -314,24 +324,21 @@ class AdapterManager:
                 self.observer.adapter_loaded("host", time.perf_counter() - t0)
             return True
 
-    def pin(self, adapter_id: str) -> None:
+    def pin(self, handle: AdapterHandle) -> None:
+        """While its sequence runs: the device pages stay (an unpinned adapter may be evicted)."""
         with self._lock:
-            self.entries[adapter_id].pins += 1
+            if not handle.pinned:
+                handle.entry.pins += 1
+                handle.pinned = True
 
-    def unpin(self, adapter_id: str) -> None:
+    def unpin(self, handle: AdapterHandle) -> None:
         with self._lock:
-            e = self.entries.get(adapter_id)
-            if e is not None:
-                e.pins -= 1
-
-    def resident(self, adapter_id: str) -> Resident:
-        return self.entries[adapter_id].device
-
-    def family(self, adapter_id: str) -> str:
-        return self.entries[adapter_id].family
+            if handle.pinned:
+                handle.entry.pins -= 1
+                handle.pinned = False
 
     def adapter(self, adapter_id: str) -> PromptAdapter | Ia3Adapter | AdaptionAdapter:
-        """The loaded form of a prompt-learning, IA3 or adaption-prompt adapter."""
+        """The loaded form of a prompt-learning, IA3 or adaption-prompt adapter (for inspection and tests)."""
         return self.entries[adapter_id].host
 
     # -- internals ---------------------------------------------------------------------------------

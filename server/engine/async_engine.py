@@ -13,12 +13,11 @@ import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import AsyncIterator
 
 from server.config import EngineConfig
 from server.engine.engine import LLMEngine
-from server.engine.errors import AdapterNotFoundError, EngineShutdownError, InvalidRequestError, QueueFullError
+from server.engine.errors import EngineShutdownError, InvalidRequestError, QueueFullError
 from server.engine.request import FinishReason, GenerateRequest, RequestOutput
 
 log = logging.getLogger("tessera.engine")
@@ -115,11 +114,9 @@ class AsyncEngine:
             raise EngineShutdownError("the engine is shutting down" if self._stopping else "the engine is not started")
         if self.stats().num_waiting >= self.max_queue:
             raise QueueFullError(f"the waiting queue is full ({self.max_queue} requests): retry later")
-        if request.adapter_id and self.engine.adapters.needs_load(request.adapter_id):
-            # registered adapters the host tier dropped to disk reload either way
-            if not self.engine.cfg.load_adapters_on_demand and self.engine.adapters.get(request.adapter_id) is None:
-                raise AdapterNotFoundError(f"adapter {request.adapter_id!r} is not loaded (on-demand loading is off)")
-            await asyncio.to_thread(self.engine.adapters.load, request.adapter_id)  # other requests keep running
+        if request.adapter_id and self.engine.adapter_needs_load(request.adapter_id):
+            # a disk read, in a worker thread: other requests keep running
+            await asyncio.to_thread(self.engine.load_adapter_for_request, request.adapter_id)
         seq = await self._prepare(request)
         if seq.request_id in self._streams:
             self.engine.discard(seq)
@@ -154,14 +151,13 @@ class AsyncEngine:
 
     # -- adapters (admin) ---------------------------------------------------------------------
     async def load_adapter(self, adapter_id: str, path: str | None = None) -> dict:
-        entry = await asyncio.to_thread(self.engine.adapters.load, adapter_id, Path(path) if path else None)
-        return next(i for i in self.engine.adapters.infos() if i["adapter_id"] == entry.adapter_id)
+        return await asyncio.to_thread(self.engine.load_adapter, adapter_id, path)
 
     def unload_adapter(self, adapter_id: str) -> int:
-        return self.engine.adapters.unload(adapter_id)
+        return self.engine.unload_adapter(adapter_id)
 
     def list_adapters(self) -> list[dict]:
-        return self.engine.adapters.infos()
+        return self.engine.list_adapters()
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))

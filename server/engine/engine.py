@@ -8,15 +8,18 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from pathlib import Path
 
 import torch
 
 from loader.base import LoadedModel, load_base_model
 from server.config import EngineConfig
+from server.adapters.admission import AdapterAdmission
+from server.adapters.handle import AdapterHandle
 from server.adapters.manager import AdapterManager
 from server.engine.block_manager import BlockManager
 from server.engine.detokenizer import IncrementalDetokenizer
-from server.engine.errors import InvalidRequestError
+from server.engine.errors import AdapterNotFoundError, InvalidRequestError
 from server.engine.model_runner import ModelRunner
 from server.engine.request import FinishReason, GenerateRequest, RequestOutput, RequestStats
 from server.engine.sampler import Sampler, SamplingState
@@ -51,13 +54,13 @@ class LLMEngine:
         self.adapters = AdapterManager(self.model, adapter_root=cfg.adapter_root, device_memory=cfg.adapter_memory,
                                        host_memory=cfg.adapter_host_memory, max_lora_rank=cfg.max_lora_rank,
                                        load_on_demand=cfg.load_adapters_on_demand, lora_dtype=cfg.torch_lora_dtype)
-        self.runner = ModelRunner(self.model, num_blocks, cfg.block_size, self.adapters)
+        self.runner = ModelRunner(self.model, num_blocks, cfg.block_size, self.adapters.pool)
         self.blocks = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         # prompt-learning adapters' virtual tokens: at most this share of the KV cache per adapter (refused at load)
         self.adapter_kv_budget = int(num_blocks * cfg.adapter_kv_fraction)
         self.adapters.prompt_kv_refusal = self._prompt_kv_refusal
         self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens,
-                                   self._adapter_gate, self._adapter_release, self.adapters.family)
+                                   AdapterAdmission(self.adapters, cfg.max_loras))
         self.sampler = Sampler()
         self.eos_ids = set(mc.eos_token_ids)
         self.requests: dict[str, Sequence] = {}
@@ -80,7 +83,7 @@ class LLMEngine:
         return ", ".join(sorted(kinds))
 
     # -- admission ---------------------------------------------------------------------------
-    def prompt_ids(self, request: GenerateRequest) -> list[int]:
+    def prompt_ids(self, request: GenerateRequest, adapter: AdapterHandle | None = None) -> list[int]:
         if request.prompt_token_ids is not None:
             bad = [t for t in request.prompt_token_ids if not 0 <= t < self.model_config.vocab_size]
             if bad:
@@ -93,8 +96,7 @@ class LLMEngine:
             raise InvalidRequestError(f"{field} has {chars} characters; at most {self.max_prompt_chars} are accepted "
                                       f"(--max-prompt-chars; the context is {self.max_model_len} tokens)")
         if request.messages is not None:
-            entry = self.adapters.get(request.adapter_id) if request.adapter_id else None
-            template = (entry.chat_template if entry is not None else None) or self.tokenizer.chat_template
+            template = (adapter.entry.chat_template if adapter is not None else None) or self.tokenizer.chat_template
             if not template:
                 raise InvalidRequestError("this model has no chat template: send a raw prompt instead of messages")
             try:
@@ -106,8 +108,20 @@ class LLMEngine:
         return self.tokenizer(request.prompt).input_ids
 
     def make_sequence(self, request: GenerateRequest) -> Sequence:
-        """Validate and tokenize a request (safe to call from any thread)."""
-        ids = self.prompt_ids(request)
+        """Validate and tokenize a request, resolving its adapter once (safe to call from any thread)."""
+        if request.task_id is not None and not request.adapter_id:
+            raise InvalidRequestError("task_id needs an adapter_id (a multitask prompt tuning adapter)")
+        # raises AdapterNotFoundError; the handle's reference is released when the request ends (discard)
+        handle = self.adapters.acquire(request.adapter_id, request.task_id or 0) if request.adapter_id else None
+        try:
+            return self._make_sequence(request, handle)
+        except BaseException:
+            if handle is not None:
+                self.adapters.release(handle)
+            raise
+
+    def _make_sequence(self, request: GenerateRequest, handle: AdapterHandle | None) -> Sequence:
+        ids = self.prompt_ids(request, handle)
         if not ids:
             raise InvalidRequestError("the prompt is empty after tokenization")
         p = request.sampling
@@ -117,22 +131,14 @@ class LLMEngine:
             raise InvalidRequestError(
                 f"prompt ({len(ids)} tokens) + max_new_tokens ({p.max_new_tokens}) exceeds the context of "
                 f"{self.max_model_len} tokens")
-        seq = Sequence(request.request_id or uuid.uuid4().hex, ids, p, adapter_id=request.adapter_id or None)
-        if request.task_id is not None and not seq.adapter_id:
-            raise InvalidRequestError("task_id needs an adapter_id (a multitask prompt tuning adapter)")
-        if seq.adapter_id:
-            entry = self.adapters.acquire(seq.adapter_id)  # raises AdapterNotFoundError; released in _finish
-            # the loaded instance is fixed while the request holds it: its KV is this instance's alone
-            seq.cache_salt = f"a{entry.instance}/t{request.task_id or 0}".encode()
-            try:
-                self._place_after_prefix(seq, request, len(ids) + p.max_new_tokens)
-            except Exception:
-                self.discard(seq)
-                raise
+        seq = Sequence(request.request_id or uuid.uuid4().hex, ids, p, adapter_id=request.adapter_id or None,
+                       adapter=handle)
+        if handle is not None:
+            self._place_after_virtual_tokens(seq, request, len(ids) + p.max_new_tokens)
+            seq.cache_salt = handle.cache_salt  # its KV is this loaded instance's (and task's) alone
         # progress: the whole request (its adapter's virtual tokens too) must fit in the cache at once
         need = -(-(seq.prefix_len + len(ids) + p.max_new_tokens) // self.cfg.block_size)
         if need > self.blocks.allocator.num_blocks:
-            self.discard(seq)
             virtual = f" + {seq.prefix_len} virtual tokens" if seq.prefix_len else ""
             raise InvalidRequestError(
                 f"prompt ({len(ids)} tokens) + max_new_tokens ({p.max_new_tokens}){virtual} needs {need} KV blocks "
@@ -143,23 +149,23 @@ class LLMEngine:
         seq.stop_matcher = StopStringMatcher(p.stop)
         return seq
 
-    def _place_after_prefix(self, seq: Sequence, request: GenerateRequest, length: int) -> None:
-        """Prompt-learning adapters: the request's tokens follow nvt shared virtual tokens."""
-        if self.adapters.family(seq.adapter_id) != "prompt":
+    def _place_after_virtual_tokens(self, seq: Sequence, request: GenerateRequest, length: int) -> None:
+        """Prompt-learning adapters: the request's tokens follow nvt virtual tokens (cache positions 0 .. nvt - 1)."""
+        h = seq.adapter
+        nvt = h.num_virtual_tokens
+        if not nvt:
             if request.task_id is not None:
                 raise InvalidRequestError(f"adapter {seq.adapter_id!r} has no tasks: task_id is for multitask "
                                           "prompt tuning adapters")
             return
-        a = self.adapters.adapter(seq.adapter_id)
-        task = request.task_id or 0
-        if not 0 <= task < a.num_tasks:
-            raise InvalidRequestError(f"adapter {seq.adapter_id!r} has {a.num_tasks} task(s): task_id {task} is out "
-                                      "of range")
-        if length + a.num_virtual_tokens > self.max_model_len:
-            raise InvalidRequestError(f"{a.num_virtual_tokens} virtual tokens + prompt + max_new_tokens exceed the "
+        if not 0 <= h.task < h.host.num_tasks:
+            raise InvalidRequestError(f"adapter {seq.adapter_id!r} has {h.host.num_tasks} task(s): task_id {h.task} "
+                                      "is out of range")
+        if length + nvt > self.max_model_len:
+            raise InvalidRequestError(f"{nvt} virtual tokens + prompt + max_new_tokens exceed the "
                                       f"context of {self.max_model_len} tokens")
-        seq.prefix_len = a.num_virtual_tokens
-        seq.task_id = task
+        seq.prefix_len = nvt
+        seq.task_id = h.task
 
     def add(self, seq: Sequence) -> None:
         if seq.request_id in self.requests:
@@ -169,24 +175,32 @@ class LLMEngine:
         self.scheduler.add(seq)
 
     def discard(self, seq: Sequence) -> None:
-        """Give back what make_sequence took for a sequence that will never be added."""
-        if seq.adapter_id:
-            self.adapters.release(seq.adapter_id)
-            seq.adapter_id = None
+        """Give back what make_sequence took (its adapter reference), for a sequence that ended or never runs."""
+        if seq.adapter is not None:
+            self.adapters.release(seq.adapter)
 
-    # -- adapters at admission (engine thread) ---------------------------------------------------
-    def _adapter_gate(self, seq: Sequence, running: list[Sequence]) -> bool:
-        if not seq.adapter_id:
-            return True
-        if self.adapters.family(seq.adapter_id) == "lora":  # --max-loras bounds LoRA adapters per batch
-            active = {s.adapter_id for s in running if s.adapter_id and self.adapters.family(s.adapter_id) == "lora"}
-            if seq.adapter_id not in active and len(active) >= self.cfg.max_loras:
-                return False
-        if not self.adapters.make_resident(seq.adapter_id):
-            return False
-        self.adapters.pin(seq.adapter_id)
-        seq.adapter_pinned = True
-        return True
+    # -- adapters: admin calls and on-demand loads (any thread; a disk read blocks its caller) -----------
+    def adapter_needs_load(self, adapter_id: str) -> bool:
+        """A request for this id must first read it from disk (unknown, or dropped from memory)."""
+        return self.adapters.needs_load(adapter_id)
+
+    def load_adapter_for_request(self, adapter_id: str) -> None:
+        """On-demand load under --adapter-root (registered adapters dropped to disk reload either way)."""
+        if not self.cfg.load_adapters_on_demand and self.adapters.get(adapter_id) is None:
+            raise AdapterNotFoundError(f"adapter {adapter_id!r} is not loaded (on-demand loading is off)")
+        self.adapters.load(adapter_id)
+
+    def load_adapter(self, adapter_id: str, path: str | None = None) -> dict:
+        """Admin load (from an explicit path, or from --adapter-root) -> its ListAdapters entry."""
+        entry = self.adapters.load(adapter_id, Path(path) if path else None)
+        return next(i for i in self.adapters.infos() if i["adapter_id"] == entry.adapter_id)
+
+    def unload_adapter(self, adapter_id: str) -> int:
+        """Forget an adapter (its running requests finish first) -> how many still use it."""
+        return self.adapters.unload(adapter_id)
+
+    def list_adapters(self) -> list[dict]:
+        return self.adapters.infos()
 
     def _prompt_kv_refusal(self, num_virtual_tokens: int) -> str | None:
         """Why an adapter with this many virtual tokens can never be served (None: it fits the budget)."""
@@ -207,11 +221,6 @@ class LLMEngine:
         self._forget_retired_adapters()
         self.blocks.allocator.reset_cache()
         self.blocks.prefix_queries = self.blocks.prefix_hits = 0
-
-    def _adapter_release(self, seq: Sequence) -> None:
-        if seq.adapter_pinned:
-            self.adapters.unpin(seq.adapter_id)
-            seq.adapter_pinned = False
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Cancel a request at once, freeing all its KV blocks. -> its final output, if it was live."""

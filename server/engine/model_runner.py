@@ -8,10 +8,8 @@ from dataclasses import dataclass, field
 import torch
 
 from server.adapters.batch import LoraBatch, StepAdapters
-from server.adapters.adaption_batch import AdaptionBatch
-from server.adapters.ia3_batch import Ia3Batch
 from server.adapters.kernel_batch import KernelLoraBatch, sgmv_ops
-from server.adapters.manager import AdapterManager
+from server.adapters.pool import PagePool
 from server.engine.scheduler import ScheduledBatch
 from server.engine.sequence import Sequence
 from server.model.attention import AttentionMetadata, PrefillChunk
@@ -21,10 +19,10 @@ log = logging.getLogger("tessera.engine")
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, num_blocks: int, block_size: int, adapters: AdapterManager | None = None):
+    def __init__(self, model: LlamaModel, num_blocks: int, block_size: int, pool: PagePool | None = None):
         cfg = model.config
         self.model = model
-        self.adapters = adapters
+        self.pool = pool  # the device adapter pool whose pages LoRA batches read (server/adapters/pool.py)
         self.block_size = block_size
         self.device = model.device
         # [layers, K/V, slots, KVH, D]
@@ -33,10 +31,10 @@ class ModelRunner:
         model.bind_kv_cache(self.kv_cache, block_size)
         self._block_offsets = torch.arange(block_size)
         # the LoRA add: SGMV kernels (Triton on CUDA, C++ on the CPU), else pool views + BLAS (chosen once)
-        ops = None if adapters is None else sgmv_ops(self.device, model.dtype, adapters.pool.buffer.dtype)
-        if adapters is not None and ops is None:
+        ops = None if pool is None else sgmv_ops(self.device, model.dtype, pool.buffer.dtype)
+        if pool is not None and ops is None:
             log.warning("no SGMV kernel for %s activations with a %s adapter pool on %s: using the per-segment "
-                        "torch path", model.dtype, adapters.pool.buffer.dtype, self.device)
+                        "torch path", model.dtype, pool.buffer.dtype, self.device)
         self.lora_batch = functools.partial(KernelLoraBatch.build, ops=ops) if ops else LoraBatch.build
 
     @property
@@ -63,22 +61,12 @@ class ModelRunner:
         return step.samplers, self.model.logits(hidden[step.sample_rows])
 
     def _adapter_batch(self, spans: list[tuple[Sequence, int, int]], num_tokens: int):
-        """The step's adapter appliers for the linear seam (prompt-learning adapters act through the KV cache)."""
-        if self.adapters is None or not any(s.adapter_id for s, _, _ in spans):
-            return None
-        by_family: dict[str, list] = {"lora": [], "ia3": [], "adaption": []}
+        """The step's adapter appliers for the linear seam, one per kind present (each kind builds its own)."""
+        by_kind: dict = {}
         for seq, start, n in spans:
-            family = self.adapters.family(seq.adapter_id) if seq.adapter_id else None
-            if family in by_family:
-                by_family[family].append((seq.adapter_id, start, n))
-        appliers = []
-        if by_family["lora"]:
-            appliers.append(self.lora_batch(self.adapters.pool.buffer, by_family["lora"], num_tokens,
-                                            self.adapters.resident, self.device))
-        if by_family["ia3"]:
-            appliers.append(Ia3Batch.build(by_family["ia3"], self.adapters.adapter))
-        if by_family["adaption"]:
-            appliers.append(AdaptionBatch.build(by_family["adaption"], self.adapters.adapter))
+            if seq.adapter is not None:
+                by_kind.setdefault(seq.adapter.kind, []).append((seq.adapter.entry, start, n))
+        appliers = [a for kind, ks in by_kind.items() if (a := kind.applier(self, ks, num_tokens)) is not None]
         return None if not appliers else appliers[0] if len(appliers) == 1 else StepAdapters(appliers)
 
     # -- prefix-tuning adapters' virtual tokens --------------------------------------------------
@@ -108,7 +96,7 @@ class ModelRunner:
             first = c  # first position that runs through the model
             if c < seq.prefix_len:
                 v_end = min(end, seq.prefix_len)
-                prompt = self.adapters.adapter(seq.adapter_id)
+                prompt = seq.adapter.host  # a PromptAdapter
                 if prompt.kind == "prefix":
                     step.kv_writes.append((ctx_slots[c:v_end], prompt.prefix_kv(self.model.config)[:, c:v_end]))
                     first = v_end

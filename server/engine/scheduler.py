@@ -15,10 +15,29 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Hashable, Protocol
 
 from server.engine.block_manager import BlockManager
 from server.engine.sequence import Sequence, SequenceStatus
+
+
+class AdapterGate(Protocol):
+    """The one question the scheduler asks the adapter side (server/adapters/admission.py)."""
+
+    def group(self, seq: Sequence) -> Hashable | None: ...  # what its adapter competes for; None: no adapter
+    def admit(self, seq: Sequence, running: list[Sequence]) -> bool: ...  # ready and pinned now, or not now
+    def release(self, seq: Sequence) -> None: ...  # it stopped running
+
+
+class _NoAdapters:
+    def group(self, seq):
+        return None
+
+    def admit(self, seq, running):
+        return True
+
+    def release(self, seq):
+        pass
 
 
 @dataclass
@@ -45,15 +64,9 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 adapter_gate: Callable[[Sequence, list[Sequence]], bool] | None = None,
-                 adapter_release: Callable[[Sequence], None] | None = None,
-                 adapter_family: Callable[[str], str] | None = None):
+                 adapters: AdapterGate | None = None):
         self.blocks = block_manager
-        # adapter_gate(seq, running): make seq's adapter resident and pin it, or say it cannot run now.
-        self.adapter_gate = adapter_gate or (lambda seq, running: True)
-        self.adapter_release = adapter_release or (lambda seq: None)
-        # which resource an adapter competes for (lora: slots and pool pages; prompt: KV prefix room)
-        self.adapter_family = adapter_family or (lambda adapter_id: "adapter")
+        self.adapters = adapters or _NoAdapters()
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -72,7 +85,7 @@ class Scheduler:
         """Drop a finished or aborted sequence and free all its blocks at once."""
         if seq in self.running:
             self.running.remove(seq)
-            self.adapter_release(seq)
+            self.adapters.release(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.blocks.free(seq)
@@ -102,15 +115,15 @@ class Scheduler:
         failed: list[tuple[Sequence, str]] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             seq = self.waiting[0]
-            if (seq.adapter_id and self.adapter_family(seq.adapter_id) in {self.adapter_family(b.adapter_id)
-                                                                           for b in blocked}
+            group = self.adapters.group(seq)
+            if (group is not None and group in {self.adapters.group(b) for b in blocked}
                     and seq.adapter_id not in {s.adapter_id for s in self.running}):
                 # an older request waits for an adapter slot, pool pages or prefix room: a later one may not
                 # take them first with a new adapter of the same family (else the older could wait forever)
                 blocked.append(self.waiting.popleft())
                 continue
             try:
-                ready = self.adapter_gate(seq, self.running)
+                ready = self.adapters.admit(seq, self.running)
             except Exception as exc:  # this request's adapter only: it fails, the queue goes on
                 self.waiting.popleft()
                 failed.append((seq, f"its adapter could not be made ready: {type(exc).__name__}: {exc}"))
@@ -123,7 +136,7 @@ class Scheduler:
             need = -(-(len(hits) * self.blocks.block_size + n) // self.blocks.block_size) - len(hits)
             # the watermark keeps room for running sequences to grow; with none running it only starves
             if not self._can_allocate(need + self.blocks.num_revived(hits) + (self._watermark if self.running else 0)):
-                self.adapter_release(seq)
+                self.adapters.release(seq)
                 break
             self.waiting.popleft()
             self.blocks.reuse(seq, hits)
@@ -162,7 +175,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.adapter_release(seq)
+        self.adapters.release(seq)
         self.blocks.free(seq)
         seq.reset_for_recompute()
         self.waiting.appendleft(seq)

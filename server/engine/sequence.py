@@ -21,6 +21,7 @@ class Sequence:
     prompt_ids: list[int]
     params: SamplingParams
     adapter_id: str | None = None
+    adapter: Any = None  # its AdapterHandle (server/adapters/handle.py), resolved once at admission
     arrival_time: float = field(default_factory=time.monotonic)
     # Virtual tokens (prefix/prompt-tuning adapters): cache positions 0 .. prefix_len - 1 that have no token
     # ids; real token i sits at cache position (and rotary position) prefix_len + i. Their keys/values are
@@ -42,7 +43,6 @@ class Sequence:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     num_preemptions: int = 0
-    adapter_pinned: bool = False  # its adapter is pinned in the device pool while it runs
     # Per-request helpers owned by the engine (sampling state, detokenizer, stop matcher).
     sampling_state: Any = None
     detokenizer: Any = None
