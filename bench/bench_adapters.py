@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from loader.lora import module_dims, random_lora, save_adapter  # noqa: E402
+from loader.adapters.lora import module_dims, random_lora, save_adapter  # noqa: E402
 from server.config import EngineConfig  # noqa: E402
 from server.engine.engine import LLMEngine  # noqa: E402
 from server.engine.request import GenerateRequest, SamplingParams  # noqa: E402

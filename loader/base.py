@@ -11,7 +11,7 @@ import torch
 
 from loader.config import ModelConfig
 from loader.embedded import default_model_path
-from loader.errors import ModelLoadError
+from server.errors import ModelLoadError
 from loader.gguf_file import load_gguf
 from loader.hf_dir import load_hf_dir
 

@@ -8,7 +8,7 @@ from typing import Any
 from gguf import GGUFReader
 
 from loader.config import ModelConfig
-from loader.errors import ModelLoadError
+from server.errors import ModelLoadError
 
 GGUF_ARCHITECTURES = ("llama", "qwen2")  # llama.cpp writes Mistral models as "llama"
 _REQUIRED = object()

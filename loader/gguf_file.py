@@ -5,7 +5,7 @@ from pathlib import Path
 
 from gguf import GGUFReader
 
-from loader.errors import ModelLoadError
+from server.errors import ModelLoadError
 from loader.gguf_config import config_from_gguf, field
 from loader.gguf_tensors import load_gguf_weights
 from loader.tokenizer_cache import gguf_tokenizer

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from kernels.quant import QuantizedWeight, from_ggml_blocks
 from loader.config import ModelConfig
-from loader.errors import ModelLoadError
+from server.errors import ModelLoadError
 from loader.names import check_tensors, expected_shapes
 
 log = logging.getLogger("tessera.loader")

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from loader.config import DTYPES, ModelConfig, eos_list
-from loader.errors import ModelLoadError
+from server.errors import ModelLoadError
 from loader.names import expected_shapes
 from loader.safetensors_files import read_tensors, weight_files
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from loader.config import ModelConfig
-from loader.errors import ModelLoadError
+from server.errors import ModelLoadError
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from loader.errors import ModelLoadError
+from server.errors import ModelLoadError
 from loader.names import canonical_name, check_tensors
 
 log = logging.getLogger("tessera.loader")

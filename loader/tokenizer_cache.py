@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from loader.errors import ModelLoadError
+from server.errors import ModelLoadError
 
 log = logging.getLogger("tessera.loader")
 

@@ -6,7 +6,7 @@ The result is a plain Hugging Face model directory (config.json, model.safetenso
 transformers' AutoModelForCausalLM and this server's loader both load, and that computes what the base
 model with the adapter computes, without the adapter's extra work per token.
 
-Per adapted module, with the adapter read by loader.lora into its serving form (A [r, in], Bt [r, out],
+Per adapted module, with the adapter read by loader.adapters.lora into its serving form (A [r, in], Bt [r, out],
 scale s; AdaLoRA's E already folded into A):
     LoRA / AdaLoRA:  W' = W + s * B A
     DoRA:            W' = g * (W + s * B A),  g = m / ||W + s B A|| per output row
@@ -29,11 +29,10 @@ from pathlib import Path
 
 import torch
 
-from loader.adapter_config import LORA_TYPES, LoraAdapterConfig
-from loader.adapter_errors import AdapterLoadError
+from loader.adapters.adapter_config import LORA_TYPES, LoraAdapterConfig
+from server.errors import AdapterLoadError, ModelLoadError
 from loader.config import DTYPES
-from loader.errors import ModelLoadError
-from loader.lora import CONFIG_FILE, LoraModule, load_lora_adapter, read_adapter_config, read_safetensors
+from loader.adapters.lora import CONFIG_FILE, LoraModule, load_lora_adapter, read_adapter_config, read_safetensors
 
 log = logging.getLogger("tessera.merge")
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from loader.adapter_errors import AdapterLoadError
+from server.errors import AdapterLoadError
 from server.adapters.manager import AdapterManager
 from server.config import EngineConfig
 from server.engine.engine import LLMEngine

@@ -3,10 +3,10 @@ clients get for it, in OpenAI's error body."""
 import grpc
 import pytest
 
-from loader.adapter_errors import REASONS, AdapterLoadError
+from server.errors import (AdapterLoadError, AdapterNotFoundError, EngineShutdownError,
+                           InvalidRequestError, QueueFullError, REASONS)
 from server.api.errors import HTTP_STATUS, status_for
 from server.api.openai.errors import ApiError
-from server.engine.errors import AdapterNotFoundError, EngineShutdownError, InvalidRequestError, QueueFullError
 
 
 @pytest.mark.parametrize("exc,code,http", [

@@ -7,14 +7,14 @@ import pytest
 
 from server.config import EngineConfig
 from server.engine.async_engine import AsyncEngine
-from server.engine.engine import LLMEngine
-from server.engine.errors import QueueFullError
+from server.errors import QueueFullError
 from server.engine.request import FinishReason, GenerateRequest, SamplingParams
+from tests import smollm2
 
 
 @pytest.fixture(scope="module")
 def llm():
-    return LLMEngine.from_config(EngineConfig(kv_cache_memory=32 << 20))
+    return smollm2.engine(EngineConfig(kv_cache_memory=32 << 20))
 
 
 async def _collect(engine: AsyncEngine, req: GenerateRequest):
@@ -96,4 +96,4 @@ def test_queue_full_is_refused():
         for f in first:
             f.cancel()
 
-    asyncio.run(main(LLMEngine.from_config(eng_cfg)))
+    asyncio.run(main(smollm2.engine(eng_cfg)))

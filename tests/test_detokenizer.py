@@ -3,9 +3,9 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from loader.base import load_base_model
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.stop import StopStringMatcher
+from tests import smollm2
 
 TEXTS = [
     "Hello world, this is plain ASCII text with  double  spaces.",
@@ -18,7 +18,7 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def bpe_tokenizer():
-    return load_base_model().tokenizer  # SmolLM2: byte-level BPE
+    return smollm2.loaded().tokenizer  # SmolLM2: byte-level BPE
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,9 @@ import pytest
 
 from server.config import EngineConfig
 from server.engine.engine import LLMEngine
-from server.engine.errors import InvalidRequestError
+from server.errors import InvalidRequestError
 from server.engine.request import FinishReason, GenerateRequest, SamplingParams
+from tests import smollm2
 from tests import peft_prompt_adapters as oracle
 
 PROMPTS = ["The capital of France is", "def add(a, b):\n", "Once upon a time", "1, 2, 3, 4,"]
@@ -33,7 +34,7 @@ def engine(tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters")
     shutil.copytree(oracle.build("prefix"), root / "prefix")
     # 8 MiB: 11 KV blocks of 16 tokens, so a request can fill the whole cache cheaply
-    return LLMEngine.from_config(EngineConfig(kv_cache_memory=8 << 20, adapter_root=str(root)))
+    return smollm2.engine(EngineConfig(kv_cache_memory=8 << 20, adapter_root=str(root)))
 
 
 def _run(engine: LLMEngine, requests: list[GenerateRequest], sabotage=None) -> dict[str, object]:

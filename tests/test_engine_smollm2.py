@@ -7,6 +7,7 @@ import torch
 from server.config import EngineConfig
 from server.engine.engine import LLMEngine
 from server.engine.request import FinishReason, GenerateRequest, SamplingParams
+from tests import smollm2
 from tests.oracle import hf_greedy, hf_smollm2
 
 LONG = ("The history of the lighthouse begins with fires lit on hilltops to guide ships home. " * 40).strip()
@@ -27,7 +28,7 @@ NEW_TOKENS = 24
 
 @pytest.fixture(scope="module")
 def engine():
-    return LLMEngine.from_config(EngineConfig(kv_cache_memory=64 << 20, max_num_batched_tokens=256))
+    return smollm2.engine(EngineConfig(kv_cache_memory=64 << 20, max_num_batched_tokens=256))
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +80,7 @@ def test_staggered_batch_matches_transformers_generate(engine, hf):
 def test_preemption_under_tiny_kv_budget_keeps_outputs(hf):
     # 14 blocks of 16 tokens = 224 cache tokens for 6 requests of ~20-40 tokens + 40 new each.
     cfg = EngineConfig(kv_cache_memory=14 * 16 * 30 * 2 * 3 * 64 * 4, max_num_batched_tokens=64)
-    eng = LLMEngine.from_config(cfg)
+    eng = smollm2.engine(cfg)
     assert eng.blocks.allocator.num_blocks == 14
     reqs = [GenerateRequest(prompt=p, sampling=SamplingParams(max_new_tokens=40, ignore_eos=True))
             for p in RAW_PROMPTS[:4] + ["Tell me about the moon.", "Water boils at"]]
@@ -147,7 +148,7 @@ def test_stop_string_cuts_text(engine, hf):
 
 
 def test_request_validation(engine):
-    from server.engine.errors import InvalidRequestError
+    from server.errors import InvalidRequestError
 
     with pytest.raises(InvalidRequestError, match="exceeds the context"):
         engine.make_sequence(GenerateRequest(prompt="hi", sampling=SamplingParams(max_new_tokens=10**6)))

@@ -448,3 +448,24 @@ def test_http_and_grpc_share_one_engine_and_its_metrics(server, client):
         'tessera_requests_rejected_total{code="INVALID_ARGUMENT"}', 0) + 1
     assert after['tessera_requests_rejected_total{code="UNAUTHENTICATED"}'] >= before.get(
         'tessera_requests_rejected_total{code="UNAUTHENTICATED"}', 0) + 1
+
+
+def test_a_shared_system_prompt_is_reused_per_adapter_and_outputs_stay_peft_exact(server, client, tok):
+    """Prefix caching end to end: the second request of each model starts on the first one's cached blocks
+    (the counters say so), never on another model's, and its greedy tokens are still PEFT's."""
+    system = "You answer questions about the following story. " + " ".join(f"Line {i}: the fox ran." for i in range(30))
+    shared = len(tok(system).input_ids) // 16 * 16  # full blocks of the shared part (block size 16)
+    for model, adapter in ((BASE, None), ("r4-qv", "r4-qv")):
+        hits = []
+        for q in ("Who ran?", "What did the fox do?"):
+            prompt = f"{system}\nQ: {q}\nA:"
+            before = server.metrics()
+            r = client.completions.create(model=model, prompt=prompt, max_tokens=6, temperature=0,
+                                          extra_body={"return_token_ids": True})
+            after = server.metrics()
+            hits.append(after["vllm:prefix_cache_hits_total"] - before["vllm:prefix_cache_hits_total"])
+            assert after["vllm:prefix_cache_queries_total"] > before["vllm:prefix_cache_queries_total"]
+            assert extra(r.choices[0], "token_ids") == peft_greedy(adapter, tuple(tok(prompt).input_ids), 6), (model, q)
+        assert hits[0] < shared <= hits[1], (model, hits)  # the first of each model found none of the other's
+    m = server.metrics()
+    assert 0 < m["tessera_prefix_cache_hit_rate"] < 1 and m["tessera_kv_cache_blocks_cached"] > 0

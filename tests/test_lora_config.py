@@ -9,9 +9,9 @@ import pytest
 from peft import LoraConfig
 from peft.tuners.tuners_utils import check_target_module_exists
 
-from loader.adapter_config import LINEAR_MODULES, LoraAdapterConfig
-from loader.adapter_errors import AdapterLoadError
-from loader.adapter_paths import check_adapter_id, resolve_adapter_dir
+from loader.adapters.adapter_config import LINEAR_MODULES, LoraAdapterConfig
+from server.errors import AdapterLoadError
+from loader.adapters.adapter_paths import check_adapter_id, resolve_adapter_dir
 
 PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}

@@ -7,9 +7,10 @@ import pytest
 
 from server.config import EngineConfig
 from server.engine.engine import LLMEngine
-from server.engine.errors import AdapterNotFoundError
+from server.errors import AdapterNotFoundError
 from server.engine.request import FinishReason, GenerateRequest, SamplingParams
-from tests.peft_adapters import ADAPTERS, NAMES, build_all, peft_greedy
+from tests import smollm2
+from tests.peft_adapters import NAMES, build_all, peft_greedy
 
 PROMPTS = ["The three most important things about", "def fibonacci(n):\n"]
 N_NEW = 12
@@ -39,7 +40,7 @@ def run(engine: LLMEngine, work: list[tuple[str | None, list[int]]], every: int 
 
 
 def test_mixed_adapter_batch_equals_peft(root):
-    engine = LLMEngine.from_config(EngineConfig(adapter_root=str(root)))
+    engine = smollm2.engine(EngineConfig(adapter_root=str(root)))
     for name in NAMES:
         engine.adapters.load(name)
     kinds = {i["adapter_id"]: i["kind"] for i in engine.adapters.infos()}
@@ -66,7 +67,7 @@ def test_lora_dtype_bfloat16_from_the_cli_builds_a_bf16_pool_read_by_the_cpu_ker
     from server.cli import build_parser, configs
 
     cfg, _ = configs(build_parser().parse_args(["--adapter-root", str(root), "--lora-dtype", "bfloat16"]))
-    engine = LLMEngine.from_config(cfg)
+    engine = smollm2.engine(cfg)
     pool = engine.adapters.pool
     assert pool.buffer.dtype == torch.bfloat16 and pool.num_pages * pool.page_size * 2 == pool.nbytes
     assert pool.nbytes <= cfg.adapter_memory < pool.num_pages * pool.page_size * 4
@@ -88,10 +89,10 @@ def test_lora_dtype_bfloat16_from_the_cli_builds_a_bf16_pool_read_by_the_cpu_ker
 
 def test_pool_of_two_serves_eight_in_rotation(root):
     names = [n for n in NAMES if n != "r64-mlp"][:8]
-    probe = LLMEngine.from_config(EngineConfig(adapter_root=str(root)))
+    probe = smollm2.engine(EngineConfig(adapter_root=str(root)))
     sizes = {n: probe.adapters.load(n).nbytes for n in names}
     two = 2 * max(sizes.values())  # room for the two largest at once, not for all eight
-    engine = LLMEngine.from_config(EngineConfig(adapter_root=str(root), adapter_memory=two + 4096))
+    engine = smollm2.engine(EngineConfig(adapter_root=str(root), adapter_memory=two + 4096))
     for n in names:
         engine.adapters.load(n)
     prompt = engine.tokenizer(PROMPTS[0]).input_ids
@@ -107,7 +108,7 @@ def test_pool_of_two_serves_eight_in_rotation(root):
 
 
 def test_unload_while_requests_run_lets_them_finish(root):
-    engine = LLMEngine.from_config(EngineConfig(adapter_root=str(root)))
+    engine = smollm2.engine(EngineConfig(adapter_root=str(root)))
     engine.adapters.load("r4-qv")
     ids = engine.tokenizer(PROMPTS[0]).input_ids
     seqs = [engine.make_sequence(GenerateRequest(prompt_token_ids=ids, adapter_id="r4-qv",
@@ -132,7 +133,7 @@ def test_unload_while_requests_run_lets_them_finish(root):
 def test_mixed_adapters_on_requantized_base_equal_peft_on_same_weights(root, quantize):
     from tests.peft_adapters import peft_greedy_on_weights
 
-    engine = LLMEngine.from_config(EngineConfig(adapter_root=str(root), quantize=quantize, quant_group_size=64))
+    engine = smollm2.engine(EngineConfig(adapter_root=str(root), quantize=quantize, quant_group_size=64))
     names = ["r8-all-linear", "dora-r8", "adalora"]
     for name in names:
         engine.adapters.load(name)

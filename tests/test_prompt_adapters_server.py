@@ -11,8 +11,8 @@ import pytest
 
 from proto import tessera_pb2 as pb
 from server.config import EngineConfig
-from server.engine.engine import LLMEngine
 from server.engine.request import GenerateRequest, SamplingParams
+from tests import smollm2
 from tests import peft_adapters as lora_oracle
 from tests import peft_prompt_adapters as oracle
 from tests.server_proc import ServerProcess
@@ -96,7 +96,7 @@ def test_prefix_kv_is_shared_through_the_prefix_cache(root):
     """Engine level, exact block accounting: a prefix adapter with nvt = 10 and blocks of 4. The first request
     computes (writes) the virtual tokens and its prompt; 15 later ones with the same prompt start on its 4 full
     blocks (10 virtual + 6 prompt positions) and each holds one block of its own."""
-    engine = LLMEngine.from_config(EngineConfig(adapter_root=str(root), block_size=4, max_num_seqs=32))
+    engine = smollm2.engine(EngineConfig(adapter_root=str(root), block_size=4, max_num_seqs=32))
     engine.adapters.load("prefix")
     nvt = engine.adapters.adapter("prefix").num_virtual_tokens
     assert nvt == 10
@@ -134,8 +134,8 @@ def test_prefix_kv_is_shared_through_the_prefix_cache(root):
 
 
 def test_unserved_kinds_are_refused_by_name(tmp_path):
-    from loader.adapter_errors import AdapterLoadError
-    from loader.lora import read_adapter_config
+    from server.errors import AdapterLoadError
+    from loader.adapters.lora import read_adapter_config
 
     hub = tmp_path / "bottleneck"
     hub.mkdir()
@@ -154,7 +154,7 @@ def test_unserved_kinds_are_refused_by_name(tmp_path):
 
 def test_max_loras_bounds_lora_adapters_only(root):
     """--max-loras 1: two LoRA adapters take turns, while prefix and IA3 requests run beside them."""
-    engine = LLMEngine.from_config(EngineConfig(adapter_root=str(root), max_loras=1))
+    engine = smollm2.engine(EngineConfig(adapter_root=str(root), max_loras=1))
     work = ["r8-all-linear", "dora-r8", "prefix", "ia3"]
     ids = [1, 504, 2988, 314, 253, 3385]
     seqs = {}
@@ -179,7 +179,7 @@ def test_max_loras_bounds_lora_adapters_only(root):
 
 
 def test_reloading_an_id_from_another_path_serves_the_new_prefix(root):
-    engine = LLMEngine.from_config(EngineConfig(adapter_root=str(root)))
+    engine = smollm2.engine(EngineConfig(adapter_root=str(root)))
     ids = [1, 504, 2988, 314, 253, 3385]
 
     def generate():

@@ -13,7 +13,7 @@ from gguf.quants import dequantize, quantize
 from kernels.quant import from_ggml_blocks, pack_int4, quantize_int4, quantize_int8, ref_dequantize, unpack_int4
 from kernels.quant_matmul import cpu_extension, cpu_quant_linear, ref_quant_linear
 from server.config import EngineConfig
-from server.engine.engine import LLMEngine
+from tests import smollm2
 from tests.perplexity import all_logits, perplexity
 
 PROSE = Path(__file__).resolve().parent / "data" / "prose.txt"
@@ -98,7 +98,7 @@ def prose_ids():
 def test_packed_q4_1_equals_transformers_dequantized(prose_ids):
     from tests.oracle import hf_smollm2
 
-    engine = LLMEngine.from_config(EngineConfig(quantize="auto"))
+    engine = smollm2.engine(EngineConfig(quantize="auto"))
     assert engine.quantization == "int4 g32"  # served packed, straight from the GGUF blocks
     head = engine.model.head_q  # the tied LM head from the GGUF's Q8_0 embedding, also packed
     assert head is not None and head.bits == 8 and head.group_size == 32
@@ -113,8 +113,8 @@ def test_packed_q4_1_equals_transformers_dequantized(prose_ids):
 def test_tied_lm_head_served_from_the_packed_q8_0_embedding():
     """The embedded GGUF stores the tied embedding as Q8_0: the head's matmul reads those int8 values (4x
     fewer bytes per decode step) and equals the dense head on the lookup's (exactly dequantized) weights."""
-    packed = LLMEngine.from_config(EngineConfig(quantize="auto")).model
-    dense = LLMEngine.from_config(EngineConfig(quantize="none")).model
+    packed = smollm2.engine(EngineConfig(quantize="auto")).model
+    dense = smollm2.engine(EngineConfig(quantize="none")).model
     assert dense.head_q is None and packed.head_q is not None
     assert dense.packed_embedding is None  # unused by a dense head: not kept (~29 MiB)
     assert torch.equal(packed.embed_tokens.weight, dense.embed_tokens.weight)  # the lookup: exact values
@@ -138,7 +138,7 @@ def test_resident_bytes_of_linear_layers():
 
     sizes = {}
     for q in ("none", "int8", "int4"):
-        engine = LLMEngine.from_config(EngineConfig(model=str(hf_smollm2_dir()), quantize=q))
+        engine = smollm2.engine(EngineConfig(model=str(hf_smollm2_dir()), quantize=q))
         sizes[q] = sum(lin.qweight.nbytes if lin.qweight is not None else lin.weight.numel() * 2
                        for lin in engine.model.linears())  # dense counted as bf16
     assert sizes["int4"] <= 0.30 * sizes["none"], sizes
@@ -154,7 +154,7 @@ def test_perplexity_of_requantized_models(prose_ids):
     from tests.oracle import hf_smollm2_dir
 
     def ppl(q, g=128):
-        return perplexity(LLMEngine.from_config(EngineConfig(model=str(hf_smollm2_dir()), quantize=q,
+        return perplexity(smollm2.engine(EngineConfig(model=str(hf_smollm2_dir()), quantize=q,
                                                              quant_group_size=g)), prose_ids)
 
     base, int8, int4_g32, int4_g128 = ppl("none"), ppl("int8"), ppl("int4", 32), ppl("int4", 128)

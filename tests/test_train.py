@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from loader.base import load_base_model
-from loader.lora import WEIGHTS_FILE, read_safetensors
+from loader.adapters.lora import WEIGHTS_FILE, read_safetensors
 from proto import tessera_pb2 as pb
 from server.config import EngineConfig
 from server.engine.engine import LLMEngine
@@ -30,6 +29,7 @@ from server.train.checkpoint import TRAINING_FILE
 from server.train.config import TrainConfig
 from server.train.trainer import build_adapter, train
 from server.train.step import real_token_logits
+from tests import smollm2
 from tests.oracle import hf_smollm2_dir
 from tests.server_proc import ROOT, ServerProcess
 
@@ -48,7 +48,7 @@ def _cfg(method: str, out: Path, **kw) -> TrainConfig:
 
 @pytest.fixture(scope="module")
 def base():
-    loaded = load_base_model(None)
+    loaded = smollm2.loaded(None, keep_quantized=False)  # the session's copy
     return LlamaModel.from_loaded(loaded, torch.float32, torch.device("cpu"), "none").requires_grad_(False), loaded
 
 
@@ -221,7 +221,7 @@ def test_qlora_what_was_trained_is_what_is_served(tmp_path):
     cfg = _cfg("qlora", out, max_steps=3, target_modules=["q_proj", "v_proj", "down_proj"], learning_rate=1e-3)
     result = train(cfg)
     assert result["final_eval_loss"] < result["first_eval_loss"]
-    loaded = load_base_model(None, keep_quantized=True)
+    loaded = smollm2.loaded()
     trained_on = LlamaModel.from_loaded(loaded, torch.float32, torch.device("cpu"), "int4").requires_grad_(False)
     assert all(lin.qweight is not None and lin.qweight.bits == 4 for lin in trained_on.linears())
     adapter = build_adapter(cfg, trained_on, loaded.tokenizer, "x")

@@ -9,7 +9,7 @@ import torch
 
 from loader.base import LoadedModel
 from loader.config import ModelConfig
-from loader.lora import module_dims, random_lora, save_adapter
+from loader.adapters.lora import module_dims, random_lora, save_adapter
 from loader.names import expected_shapes
 
 PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",

@@ -20,7 +20,7 @@ class AdaptionBatch:
         return y  # acts after attention only
 
     def attention(self, attn, q: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """out[rows] += o_proj(gate * softmax(q K^T / sqrt(D)) V) for each adapter's tokens (loader/adaption_prompt.py)."""
+        """out[rows] += o_proj(gate * softmax(q K^T / sqrt(D)) V) for each adapter's tokens (loader/adapters/adaption_prompt.py)."""
         for rows, a in self.segments:
             kvg = a.layers.get(attn.layer_idx)
             if kvg is None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels.lora import DESC_FIELDS
-from loader.lora import LoraAdapter
+from loader.adapters.lora import LoraAdapter
 from server.adapters.pool import PagePool
 
 

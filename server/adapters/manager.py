@@ -28,18 +28,17 @@ from typing import Callable, Protocol
 
 import torch
 
-from loader.adapter_errors import AdapterLoadError
-from loader.adapter_paths import check_adapter_id, resolve_adapter_dir, resolve_adapter_path
-from loader.adaption_prompt import AdaptionAdapter, load_adaption_prompt
-from loader.chat_template import read_chat_template
-from loader.ia3 import Ia3Adapter, load_ia3_adapter
-from loader.lora import load_lora_adapter, module_dims, read_adapter_config
-from loader.prompt_adapter import PROMPT_TYPES, PromptAdapter, load_prompt_adapter
+from server.errors import AdapterLoadError, AdapterNotFoundError
+from loader.adapters.adapter_paths import check_adapter_id, resolve_adapter_dir, resolve_adapter_path
+from loader.adapters.adaption_prompt import AdaptionAdapter, load_adaption_prompt
+from loader.adapters.chat_template import read_chat_template
+from loader.adapters.ia3 import Ia3Adapter, load_ia3_adapter
+from loader.adapters.lora import load_lora_adapter, module_dims, read_adapter_config
+from loader.adapters.prompt_adapter import PROMPT_TYPES, PromptAdapter, load_prompt_adapter
 from server.adapters.handle import AdapterHandle
 from server.adapters.kinds import ADAPTION, IA3, LORA, PROMPT, AdapterKind
 from server.adapters.layout import PackedAdapter, Resident, pack, place
 from server.adapters.pool import PagePool, PoolFullError, page_size_for
-from server.engine.errors import AdapterNotFoundError
 
 log = logging.getLogger("tessera.adapters")
 _instances = itertools.count(1)
@@ -65,7 +64,7 @@ class AdapterEntry:
     pins: int = 0  # running sequences
     refs: int = 0  # queued + running requests
     unloading: bool = False
-    chat_template: str | None = None  # the adapter's own (loader/chat_template.py); None = the base model's
+    chat_template: str | None = None  # the adapter's own (loader/adapters/chat_template.py); None = the base model's
     instance: int = 0  # which reading of its files is in memory: new at every load from disk (the KV cache's key)
     last_used: float = field(default_factory=time.monotonic)
 

@@ -20,7 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from kernels import cpu_ext
-from loader.errors import ModelLoadError
+from server.errors import ModelLoadError
 from proto import tessera_pb2 as pb
 from server.api.auth import Auth
 from server.api.frontend import Frontend

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from proto import tessera_pb2 as pb
-from server.engine.errors import InvalidRequestError
+from server.errors import InvalidRequestError
 from server.engine.request import FinishReason, GenerateRequest, RequestOutput, SamplingParams
 
 _FINISH = {FinishReason.LENGTH: pb.LENGTH, FinishReason.STOP: pb.STOP, FinishReason.EOS: pb.EOS,

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import grpc
 
-from loader.adapter_errors import AdapterLoadError
-from server.engine.errors import AdapterNotFoundError, EngineShutdownError, InvalidRequestError, QueueFullError
+from server.errors import (AdapterLoadError, AdapterNotFoundError, EngineShutdownError,
+                           InvalidRequestError, QueueFullError)
 
 _STATUS = [  # most specific first
     (AdapterNotFoundError, grpc.StatusCode.NOT_FOUND),

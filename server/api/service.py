@@ -11,7 +11,7 @@ import logging
 import grpc
 
 from kernels import cpu_ext
-from loader.adapter_errors import AdapterLoadError
+from server.errors import AdapterLoadError, EngineError, InvalidRequestError
 from proto import tessera_pb2 as pb
 from proto import tessera_pb2_grpc as pb_grpc
 from server.api.auth import AuthError
@@ -19,7 +19,6 @@ from server.api.convert import to_engine_request, to_response
 from server.api.errors import status_for
 from server.api.frontend import Frontend
 from server.api.wire import Undecodable
-from server.engine.errors import EngineError, InvalidRequestError
 from server.engine.request import FinishReason
 
 log = logging.getLogger("tessera.api")

@@ -17,7 +17,7 @@ from typing import AsyncIterator
 
 from server.config import EngineConfig
 from server.engine.engine import LLMEngine
-from server.engine.errors import EngineShutdownError, InvalidRequestError, QueueFullError
+from server.errors import EngineShutdownError, InvalidRequestError, QueueFullError
 from server.engine.request import FinishReason, GenerateRequest, RequestOutput
 
 log = logging.getLogger("tessera.engine")

@@ -19,7 +19,7 @@ from server.adapters.handle import AdapterHandle
 from server.adapters.manager import AdapterManager
 from server.engine.block_manager import BlockManager
 from server.engine.detokenizer import IncrementalDetokenizer
-from server.engine.errors import AdapterNotFoundError, InvalidRequestError
+from server.errors import AdapterNotFoundError, InvalidRequestError
 from server.engine.model_runner import ModelRunner
 from server.engine.request import FinishReason, GenerateRequest, RequestOutput, RequestStats
 from server.engine.sampler import Sampler, SamplingState

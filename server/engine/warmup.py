@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from loader.adapter_errors import AdapterLoadError
-from loader.lora import module_dims, random_lora, save_adapter
+from server.errors import AdapterLoadError
+from loader.adapters.lora import module_dims, random_lora, save_adapter
 from server.engine.request import GenerateRequest, SamplingParams
 
 log = logging.getLogger("tessera.engine")

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loader.adapter_config import LINEAR_MODULES, LoraAdapterConfig
-from loader.lora import _PARENT
+from loader.adapters.adapter_config import LINEAR_MODULES, LoraAdapterConfig
+from loader.adapters.lora import _PARENT
 
 # PEFT's default LoRA targets per architecture (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING)
 DEFAULT_TARGETS = {"llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"]}

@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from loader.lora import CONFIG_FILE, WEIGHTS_FILE
+from loader.adapters.lora import CONFIG_FILE, WEIGHTS_FILE
 
 STATE_FILE = "trainer_state.json"
 TRAINING_FILE = "tessera_training.json"

@@ -97,7 +97,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = vars(parser().parse_args(argv))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from loader.errors import ModelLoadError
+    from server.errors import ModelLoadError
     from server.train.trainer import train  # torch + model code: after the arguments are known good
 
     try:

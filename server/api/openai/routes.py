@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from loader.adapter_errors import AdapterLoadError
+from server.errors import AdapterLoadError, EngineError
 from server.api.auth import AuthError
 from server.api.errors import status_for
 from server.api.frontend import Frontend
@@ -28,7 +28,6 @@ from server.api.openai import convert
 from server.api.openai.errors import ApiError
 from server.api.openai.protocol import ChatCompletionRequest, CompletionRequest, LoadLoraRequest, UnloadLoraRequest
 from server.api.openai.streams import Choices, ClientGone, open_streams, until_disconnect
-from server.engine.errors import EngineError
 from server.engine.request import FinishReason
 
 log = logging.getLogger("tessera.http")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from loader.adapter_errors import AdapterLoadError
+from server.errors import AdapterLoadError
 
 MAX_TEMPLATE_BYTES = 1 << 20
 

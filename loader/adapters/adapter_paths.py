@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from loader.adapter_errors import AdapterLoadError
+from server.errors import AdapterLoadError
 
 MAX_ID_LEN = 256
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*(/[A-Za-z0-9][A-Za-z0-9._\-]*)*$")

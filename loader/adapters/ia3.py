@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
-from loader.adapter_config import LINEAR_MODULES, ConfigProblems
-from loader.adapter_errors import AdapterLoadError
+from loader.adapters.adapter_config import LINEAR_MODULES, ConfigProblems
+from server.errors import AdapterLoadError
 from loader.config import ModelConfig
-from loader.lora import _PARENT, module_dims, read_adapter_config, read_safetensors
+from loader.adapters.lora import _PARENT, module_dims, read_adapter_config, read_safetensors
 
 _KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.ia3_l$")
 _KNOWN = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "target_modules",

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from loader.adapter_config import ConfigProblems
-from loader.adapter_errors import AdapterLoadError
+from loader.adapters.adapter_config import ConfigProblems
+from server.errors import AdapterLoadError
 from loader.config import ModelConfig
-from loader.lora import read_adapter_config, read_safetensors
+from loader.adapters.lora import read_adapter_config, read_safetensors
 
 _KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.self_attn\.(adaption_prompt|adaption_gate)$")
 _KNOWN = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "adapter_len",

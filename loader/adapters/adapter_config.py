@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from loader.adapter_errors import AdapterLoadError
+from server.errors import AdapterLoadError
 
 LORA_TYPES = ("LORA", "ADALORA")
 # Kinds PEFT can save that this server does not serve (yet): refused by name.

@@ -17,8 +17,8 @@ from typing import Callable
 import torch
 from safetensors import safe_open
 
-from loader.adapter_config import LINEAR_MODULES, UNSERVED_TYPES, ConfigProblems, LoraAdapterConfig
-from loader.adapter_errors import AdapterLoadError
+from loader.adapters.adapter_config import LINEAR_MODULES, UNSERVED_TYPES, ConfigProblems, LoraAdapterConfig
+from server.errors import AdapterLoadError
 from loader.config import ModelConfig
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from loader.adapter_config import ConfigProblems
-from loader.adapter_errors import AdapterLoadError
+from loader.adapters.adapter_config import ConfigProblems
+from server.errors import AdapterLoadError
 from loader.config import ModelConfig
-from loader.lora import read_adapter_config, read_safetensors
+from loader.adapters.lora import read_adapter_config, read_safetensors
 
 PROMPT_TYPES = {"PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt", "P_TUNING": "p_tuning",
                 "MULTITASK_PROMPT_TUNING": "multitask"}

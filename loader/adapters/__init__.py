@@ -1,0 +1,1 @@
+"""PEFT adapters from disk: configs, tensors, every served kind, in their serving form."""
