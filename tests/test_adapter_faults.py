@@ -161,7 +161,7 @@ def test_explicit_path_with_a_nul_byte_is_invalid(model, tmp_path, path):
 def test_an_unexpected_loader_error_is_invalid_and_shared_by_concurrent_loads(model, tmp_path, monkeypatch, caplog):
     """Belt and braces: whatever a loader raises becomes AdapterLoadError("invalid") (never UNKNOWN), and a
     second request waiting for the same load gets that same reason (it used to get not_found)."""
-    import server.adapters.manager as mgr
+    import server.adapters.kinds as mgr  # where the LoRA kind calls its loader
 
     lora(tmp_path / "x")
     started, go = threading.Event(), threading.Event()

@@ -28,17 +28,17 @@ from typing import Callable, Protocol
 
 import torch
 
-from server.errors import AdapterLoadError, AdapterNotFoundError
 from loader.adapters.adapter_paths import check_adapter_id, resolve_adapter_dir, resolve_adapter_path
-from loader.adapters.adaption_prompt import AdaptionAdapter, load_adaption_prompt
+from loader.adapters.adaption_prompt import AdaptionAdapter
 from loader.adapters.chat_template import read_chat_template
-from loader.adapters.ia3 import Ia3Adapter, load_ia3_adapter
-from loader.adapters.lora import load_lora_adapter, module_dims, read_adapter_config
-from loader.adapters.prompt_adapter import PROMPT_TYPES, PromptAdapter, load_prompt_adapter
+from loader.adapters.ia3 import Ia3Adapter
+from loader.adapters.lora import module_dims, read_adapter_config
+from loader.adapters.prompt_adapter import PromptAdapter
 from server.adapters.handle import AdapterHandle
-from server.adapters.kinds import ADAPTION, IA3, LORA, PROMPT, AdapterKind
-from server.adapters.layout import PackedAdapter, Resident, pack, place
+from server.adapters.kinds import LORA, AdapterKind, kind_for
+from server.adapters.layout import PackedAdapter, Resident, place
 from server.adapters.pool import PagePool, PoolFullError, page_size_for
+from server.errors import AdapterLoadError, AdapterNotFoundError
 
 log = logging.getLogger("tessera.adapters")
 _instances = itertools.count(1)
@@ -213,28 +213,11 @@ class AdapterManager:
         return e
 
     def _read(self, adapter_id: str, path: Path):
-        """Disk -> (its kind, the loaded adapter, its host serving form), by the config's peft_type."""
-        ptype = read_adapter_config(path).get("peft_type", "").upper()
-        if ptype in PROMPT_TYPES:
-            a = load_prompt_adapter(adapter_id, path, self.cfg)
-            why = self.prompt_kv_refusal(a.num_virtual_tokens) if self.prompt_kv_refusal else None
-            if why:
-                raise AdapterLoadError("no_room", f"adapter {adapter_id!r} {why}")
-            return PROMPT, a, a
-        if ptype == "IA3":
-            a = load_ia3_adapter(adapter_id, path, self.cfg)
-            return IA3, a, a.to(self.device, self.dtype)
-        if ptype == "ADAPTION_PROMPT":
-            a = load_adaption_prompt(adapter_id, path, self.cfg, self.model)
-            return ADAPTION, a, a
-        adapter = load_lora_adapter(adapter_id, path, self.cfg, self.max_rank, self.model.linear_weight, self.dtype)
-        # pinned host memory on CUDA: fast, asynchronous copies into the pool
-        packed = pack(adapter, self.model, self.pool.page_size, pin=self.device.type == "cuda", dtype=self.pool.buffer.dtype)
-        if packed.num_pages > self.pool.num_pages:
-            raise AdapterLoadError("no_room", f"adapter {adapter_id!r} needs {packed.num_pages} pool pages "
-                                   f"({adapter.nbytes / 2**20:.1f} MiB) but the pool has {self.pool.num_pages}: "
-                                   "raise --adapter-memory")
-        return LORA, adapter, packed
+        """Disk -> (its kind, the loaded adapter, its host serving form): the config's peft_type picks the kind,
+        the kind reads it."""
+        kind = kind_for(read_adapter_config(path).get("peft_type", ""))
+        adapter, host = kind.read(self, adapter_id, path)
+        return kind, adapter, host
 
     def unload(self, adapter_id: str) -> int:
         """Forget an adapter. Requests already using it finish first. -> how many are still running."""
