@@ -20,8 +20,8 @@ def all_logits(engine: LLMEngine, ids: list[int], chunk: int = 512) -> torch.Ten
         while seq.num_computed < len(ids):
             n = min(chunk, len(ids) - seq.num_computed)
             engine.blocks.grow(seq, n)
-            input_ids, positions, attn, _, _ = engine.runner._prepare(ScheduledBatch([seq], [n]))
-            hidden = engine.model(input_ids, positions, attn)
+            step = engine.runner._prepare(ScheduledBatch([seq], [n]))
+            hidden = engine.model(step.input_ids, step.positions, step.attn)
             out.append(engine.model.logits(hidden))
             seq.num_computed += n
     finally:

@@ -202,17 +202,19 @@ def test_plain_prompt_completion_adapter_answers_the_raw_prompt(base, tmp_path, 
 
 def _served_logits(engine: LLMEngine, adapter_id: str, ids: list[int]) -> torch.Tensor:
     """The serving path's logits for every prompt position (pool, LoraBatch, quantized matmuls)."""
-    assert engine.adapters.make_resident(adapter_id)
-    seq = Sequence("probe", ids, SamplingParams(), adapter_id=adapter_id)
+    handle = engine.adapters.acquire(adapter_id)
+    assert engine.adapters.make_resident(handle)
+    seq = Sequence("probe", ids, SamplingParams(), adapter_id=adapter_id, adapter=handle)
     engine.blocks.grow(seq, len(ids))
     batch = ScheduledBatch()
     batch.seqs.append(seq)
     batch.num_tokens.append(len(ids))
     with torch.inference_mode():
-        t, pos, attn, _, _ = engine.runner._prepare(batch)
-        lora = engine.runner._adapter_batch(batch, t.numel())
-        logits = engine.model.logits(engine.model(t, pos, attn, adapters=lora))
+        step = engine.runner._prepare(batch)
+        lora = engine.runner._adapter_batch(step.spans, step.input_ids.numel())
+        logits = engine.model.logits(engine.model(step.input_ids, step.positions, step.attn, adapters=lora))
     engine.blocks.free(seq)
+    engine.adapters.release(handle)
     return logits
 
 
