@@ -69,6 +69,7 @@ def workload(tokenizer, n: int, new_tokens: int) -> list[list[int]]:
 
 
 def run_ours(engine: LLMEngine, prompts, adapters, new_tokens: int) -> float:
+    engine.reset_prefix_cache()  # every round repeats the prompts: each run computes them, as before caching
     for i, ids in enumerate(prompts):
         engine.add(engine.make_sequence(GenerateRequest(
             prompt_token_ids=ids, adapter_id=adapters[i % len(adapters)] if adapters else None,

@@ -9,6 +9,7 @@ Three configurations, interleaved in every round (medians over rounds; ratios pe
                          state); the users' questions are new in every round
 
     python bench/bench_prefix_cache.py [--requests 32] [--adapters 8] [--system-tokens 600] [--rounds 3]
+                                       [--kv-cache-memory BYTES]
 """
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ def requests(system: str, n: int, adapters: list[str], round_no: int, new_tokens
 
 def run(engine: LLMEngine, reqs: list[GenerateRequest]) -> dict:
     seqs = [engine.make_sequence(r) for r in reqs]  # tokenized (chat template) before the clock starts
-    q0, h0 = engine.blocks.prefix_queries, engine.blocks.prefix_hits
+    q0, h0, p0 = engine.blocks.prefix_queries, engine.blocks.prefix_hits, engine.scheduler.num_preemptions
     t0 = time.perf_counter()
     for s in seqs:
         engine.add(s)
@@ -65,10 +66,10 @@ def run(engine: LLMEngine, reqs: list[GenerateRequest]) -> dict:
                 first[o.request_id] = time.perf_counter() - t0
     wall = time.perf_counter() - t0
     ttft = list(first.values())
-    prompt_positions = sum(s.num_tokens - s.num_generated for s in seqs)
-    hits = engine.blocks.prefix_hits - h0
+    queries, hits = engine.blocks.prefix_queries - q0, engine.blocks.prefix_hits - h0
     return {"tok_s": generated / wall, "ttft_p50": pct(ttft, 0.5), "ttft_p90": pct(ttft, 0.9), "wall": wall,
-            "hit_rate": hits / max(1, engine.blocks.prefix_queries - q0), "prefilled": prompt_positions - hits}
+            "hit_rate": hits / max(1, queries), "prefilled": queries - hits,  # positions run at admissions
+            "preemptions": engine.scheduler.num_preemptions - p0}
 
 
 def main() -> None:
@@ -79,12 +80,16 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--kv-cache-memory", type=int, default=1 << 30,
+                    help="bytes of KV cache per engine (default 1 GiB: every request's whole context fits with "
+                    "caching off too, so neither side is slowed by preemption)")
     args = ap.parse_args()
 
     engines = {}
     for caching in (False, True):
         engines[caching] = LLMEngine.from_config(EngineConfig(device=args.device, adapter_root=str(CACHE),
-                                                              max_num_seqs=64, enable_prefix_caching=caching))
+                                                              max_num_seqs=64, enable_prefix_caching=caching,
+                                                              kv_cache_memory=args.kv_cache_memory))
     names = make_adapters(engines[True].model_config, args.adapters, 16) if args.adapters else []
     for e in engines.values():
         for n in names:
@@ -111,14 +116,15 @@ def main() -> None:
     print(f"\nSmolLM2-135M on {args.device} ({torch.get_num_threads()} threads): {args.requests} concurrent chat requests "
           f"with a {n_sys}-token system prompt over {args.adapters or 'no'} adapters, {args.new_tokens} new tokens each; "
           f"medians over {args.rounds} interleaved rounds\n")
-    print("| configuration | tok/s | vs off | TTFT p50 | TTFT p90 | TTFT p50 vs off | prompt positions computed | hit rate |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| configuration | tok/s | vs off | TTFT p50 | TTFT p90 | TTFT p50 vs off | positions prefilled | hit rate "
+          "| preemptions |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     off = res["caching off"]
     for k in labels:
         tput = statistics.median(x["tok_s"] / o["tok_s"] for x, o in zip(res[k], off))
         ttft = statistics.median(x["ttft_p50"] / o["ttft_p50"] for x, o in zip(res[k], off))
         print(f"| {k} | {med(k, 'tok_s'):.1f} | {tput:.2f}x | {med(k, 'ttft_p50'):.2f} s | {med(k, 'ttft_p90'):.2f} s | "
-              f"{ttft:.2f}x | {med(k, 'prefilled'):.0f} | {med(k, 'hit_rate'):.0%} |")
+              f"{ttft:.2f}x | {med(k, 'prefilled'):.0f} | {med(k, 'hit_rate'):.0%} | {med(k, 'preemptions'):.0f} |")
 
 
 if __name__ == "__main__":
