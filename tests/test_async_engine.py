@@ -11,6 +11,8 @@ from server.errors import QueueFullError
 from server.engine.request import FinishReason, GenerateRequest, SamplingParams
 from tests import smollm2
 
+pytestmark = pytest.mark.slow  # the real SmolLM2 and its oracles: minutes, not seconds
+
 
 @pytest.fixture(scope="module")
 def llm():

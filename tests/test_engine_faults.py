@@ -13,6 +13,8 @@ from server.engine.request import FinishReason, GenerateRequest, SamplingParams
 from tests import smollm2
 from tests import peft_prompt_adapters as oracle
 
+pytestmark = pytest.mark.slow  # the real SmolLM2 and its oracles: minutes, not seconds
+
 PROMPTS = ["The capital of France is", "def add(a, b):\n", "Once upon a time", "1, 2, 3, 4,"]
 # every option a user can send, several at odd values; all share one batch
 PARAMS = {

@@ -10,6 +10,8 @@ from server.engine.request import FinishReason, GenerateRequest, SamplingParams
 from tests import smollm2
 from tests.oracle import hf_greedy, hf_smollm2
 
+pytestmark = pytest.mark.slow  # the real SmolLM2 and its oracles: minutes, not seconds
+
 LONG = ("The history of the lighthouse begins with fires lit on hilltops to guide ships home. " * 40).strip()
 RAW_PROMPTS = [
     "The capital of France is",

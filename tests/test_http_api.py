@@ -18,7 +18,7 @@ from proto import tessera_pb2 as pb
 from tests.peft_adapters import build, peft_greedy
 from tests.server_proc import ServerProcess
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 KEY, ADMIN = "client-key", "admin-token"
 BASE = "SmolLM2-135M-Instruct"

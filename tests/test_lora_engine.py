@@ -12,6 +12,8 @@ from server.engine.request import FinishReason, GenerateRequest, SamplingParams
 from tests import smollm2
 from tests.peft_adapters import NAMES, build_all, peft_greedy
 
+pytestmark = pytest.mark.slow  # the real SmolLM2 and its oracles: minutes, not seconds
+
 PROMPTS = ["The three most important things about", "def fibonacci(n):\n"]
 N_NEW = 12
 

@@ -17,7 +17,7 @@ from proto import tessera_pb2 as pb
 from tests.peft_adapters import NAMES, build_all, peft_greedy
 from tests.server_proc import ServerProcess
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 ADMIN = [("authorization", "Bearer adm")]
 PROMPT = "The three most important things about"
 N_NEW = 12

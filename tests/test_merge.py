@@ -20,6 +20,8 @@ from safetensors.torch import save_file
 from tests.oracle import hf_smollm2_dir
 from tests.peft_adapters import base_model, build
 
+pytestmark = pytest.mark.slow  # the real SmolLM2 and its oracles: minutes, not seconds
+
 ROOT = Path(__file__).resolve().parent.parent
 TEXTS = ("The capital of France is", "def fibonacci(n):\n    if n < 2:\n        return",
          "Once upon a time, a small robot")

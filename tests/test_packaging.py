@@ -39,6 +39,7 @@ def test_stubs_match_the_proto(tmp_path):
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_readme_first_command_sets_up_and_serves(tmp_path):
     """Runs the README's first command as written (setup.sh is idempotent) until the server is SERVING."""
     serve, _ = readme_commands()

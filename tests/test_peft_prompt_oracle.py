@@ -9,6 +9,8 @@ import pytest
 
 from tests import peft_prompt_adapters as oracle
 
+pytestmark = pytest.mark.slow  # the real SmolLM2 and its oracles: minutes, not seconds
+
 PROMPT = (504, 1296, 768, 1070, 1495, 563)  # "The three most important things about"
 N_NEW = 8
 CASES = [("prefix", "PREFIX_TUNING", None), ("prefix-proj", "PREFIX_TUNING", None),

@@ -13,7 +13,7 @@ import pytest
 from proto import tessera_pb2 as pb
 from tests.server_proc import ServerProcess, free_port
 
-pytestmark = [pytest.mark.e2e,
+pytestmark = [pytest.mark.e2e, pytest.mark.slow,
               pytest.mark.skipif(shutil.which("prometheus") is None,
                                  reason="prometheus is not installed (./setup.sh --test installs it as root)")]
 

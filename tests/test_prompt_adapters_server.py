@@ -17,7 +17,7 @@ from tests import peft_adapters as lora_oracle
 from tests import peft_prompt_adapters as oracle
 from tests.server_proc import ServerProcess
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 ADMIN = [("authorization", "Bearer adm")]
 N_NEW = 10
 PROMPTS = ["The three most important things about", "def fibonacci(n):\n"]

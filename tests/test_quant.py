@@ -145,6 +145,7 @@ def test_resident_bytes_of_linear_layers():
     assert sizes["int8"] <= 0.55 * sizes["none"], sizes
 
 
+@pytest.mark.slow
 def test_perplexity_of_requantized_models(prose_ids):
     """SmolLM2 dequantized to fp32 (transformers' load of the GGUF), requantized by round-to-nearest.
 

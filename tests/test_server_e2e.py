@@ -18,7 +18,7 @@ from server.engine.engine import LLMEngine
 from server.engine.request import GenerateRequest, SamplingParams
 from tests.server_proc import ServerProcess
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 ADMIN = "s3cret-admin"
 PROMPTS = ["The capital of France is", "def add(a, b):", "Once upon a time, in a small village,",

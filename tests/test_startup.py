@@ -10,7 +10,7 @@ import pytest
 
 from tests.server_proc import ROOT, free_port
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def _server(*args: str, timeout: float = 60) -> tuple[int, str, float]:

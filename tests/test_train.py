@@ -33,6 +33,8 @@ from tests import smollm2
 from tests.oracle import hf_smollm2_dir
 from tests.server_proc import ROOT, ServerProcess
 
+pytestmark = pytest.mark.slow  # the real SmolLM2 and its oracles: minutes, not seconds
+
 DEMO = ROOT / "tests" / "data" / "json_extract"
 VALID = [json.loads(line) for line in (DEMO / "valid.jsonl").read_text().splitlines() if line.strip()]
 # the demo rows are conversational: {"prompt": [user message], "completion": [assistant message]}

@@ -16,6 +16,8 @@ from server.train.adapters import TrainableLora, TrainablePrefix, TrainablePromp
 from server.train.checkpoint import save_adapter
 from server.train.step import loss_sum, real_token_logits
 
+pytestmark = pytest.mark.slow  # the real SmolLM2 and its oracles: minutes, not seconds
+
 TINY = dict(model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
             tie_word_embeddings=False, rope_theta=10000.0)
