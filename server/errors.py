@@ -22,6 +22,8 @@ class AdapterLoadError(Exception):
             raise ValueError(f"AdapterLoadError reason must be one of {REASONS}, got {reason!r}")
         super().__init__(message)
         self.reason = reason
+        # no_room only because requests hold other adapters now: it would fit once they finish
+        self.retry_when_idle = False
 
 
 # -- the engine's callers --------------------------------------------------------------------------------------

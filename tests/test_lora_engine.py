@@ -143,3 +143,48 @@ def test_mixed_adapters_on_requantized_base_equal_peft_on_same_weights(root, qua
     got = run(engine, [(n, ids) for n in (None, *names)])
     for name, tokens in zip((None, *names), got):
         assert tokens == peft_greedy_on_weights(engine.model.linear_weight, name, ids, N_NEW), name
+
+
+def test_open_traffic_over_more_adapters_than_memory_holds(root):
+    """Issue 19: a pool that holds two adapters and a host tier that holds three, eight adapters, requests
+    arriving at random times through the async engine (on-demand loads from --adapter-root). Every request
+    completes with PEFT's tokens: an adapter that exists on disk is never refused because memory is busy
+    with other requests' adapters; it waits for room."""
+    import asyncio
+    import random
+
+    from server.engine.async_engine import AsyncEngine
+
+    names = [n for n in NAMES if n != "r64-mlp"][:8]
+    probe = smollm2.engine(EngineConfig(adapter_root=str(root)))
+    sizes = sorted(probe.adapters.load(n).nbytes for n in names)
+    engine = smollm2.engine(EngineConfig(adapter_root=str(root), adapter_memory=2 * sizes[-1] + 4096,
+                                         adapter_host_memory=sum(sizes[-3:]) + 4096))
+    prompts = [tuple(engine.tokenizer(p).input_ids) for p in PROMPTS]
+    rnd = random.Random(3)
+    work = [(rnd.choice(names), rnd.choice(prompts), rnd.uniform(0, 3)) for _ in range(24)]
+
+    async def main():
+        ae = AsyncEngine(engine)
+        await ae.start()
+
+        async def one(name, ids, delay):
+            await asyncio.sleep(delay)
+            out = []
+            async for o in ae.generate(GenerateRequest(prompt_token_ids=list(ids), adapter_id=name,
+                                                       sampling=SamplingParams(max_new_tokens=N_NEW))):
+                assert o.finish_reason is not FinishReason.ERROR, o.error
+                out += o.token_ids
+            return out
+
+        try:
+            return await asyncio.gather(*(one(*w) for w in work))
+        finally:
+            await ae.shutdown()
+
+    got = asyncio.run(main())
+    for (name, ids, _), tokens in zip(work, got):
+        assert tokens == peft_greedy(name, ids, N_NEW), name
+    assert engine.adapters.tier_counts()["disk"] > 0  # the host tier really was too small for all of them
+    assert engine.blocks.allocator.num_used == 0 and all(e.refs == 0 and e.pins == 0
+                                                          for e in engine.adapters.entries.values())

@@ -158,7 +158,9 @@ class AdapterManager:
                     break
             job.done.wait()  # someone else is reading it: share their outcome
             if job.error is not None:
-                raise AdapterLoadError(job.error.reason, str(job.error))
+                err = AdapterLoadError(job.error.reason, str(job.error))
+                err.retry_when_idle = job.error.retry_when_idle
+                raise err
             # loaded: the next pass returns it (or reads it again if the host tier dropped it meanwhile)
         if path is None and e is not None:
             path = e.path  # registered, dropped to disk: read from where it was loaded
@@ -166,6 +168,9 @@ class AdapterManager:
             return self._load_from_disk(adapter_id, path, hold)
         except AdapterLoadError as exc:
             job.error = exc
+            if exc.retry_when_idle:  # not a failure yet: its request waits for room (AsyncEngine)
+                log.info("adapter %s waits for host memory: %s", adapter_id, exc)
+                raise
             if self.observer:
                 self.observer.adapter_load_failed(exc.reason)
             log.warning("adapter %s failed to load: %s", adapter_id, exc)
@@ -355,10 +360,13 @@ class AdapterManager:
         if nbytes + held > self.host_limit:
             in_use = f" while adapters in use by requests hold {_size(held)}" if held else ""
             short = _size(nbytes + held - self.host_limit, round_up=True)
-            raise AdapterLoadError("no_room", f"adapter {adapter_id!r} needs {_size(nbytes)} of host memory but "
+            err = AdapterLoadError("no_room", f"adapter {adapter_id!r} needs {_size(nbytes)} of host memory but "
                                    f"--adapter-host-memory is {_size(self.host_limit)}{in_use}: raise "
                                    f"--adapter-host-memory by at least {short}"
                                    + (" or retry when those requests finish" if held else ""))
+            # it fits once those requests finish: a request for it may wait (AsyncEngine), not fail
+            err.retry_when_idle = nbytes <= self.host_limit and held > 0
+            raise err
         for x in idle:
             if used + nbytes <= self.host_limit:
                 break

@@ -17,10 +17,11 @@ from typing import AsyncIterator
 
 from server.config import EngineConfig
 from server.engine.engine import LLMEngine
-from server.errors import EngineShutdownError, InvalidRequestError, QueueFullError
+from server.errors import AdapterLoadError, EngineShutdownError, InvalidRequestError, QueueFullError
 from server.engine.request import FinishReason, GenerateRequest, RequestOutput
 
 log = logging.getLogger("tessera.engine")
+ADAPTER_WAIT_S = 120.0  # longest a request waits for host memory held by other requests' adapters
 
 
 @dataclass
@@ -114,10 +115,7 @@ class AsyncEngine:
             raise EngineShutdownError("the engine is shutting down" if self._stopping else "the engine is not started")
         if self.stats().num_waiting >= self.max_queue:
             raise QueueFullError(f"the waiting queue is full ({self.max_queue} requests): retry later")
-        if request.adapter_id and self.engine.adapter_needs_load(request.adapter_id):
-            # a disk read, in a worker thread: other requests keep running
-            await asyncio.to_thread(self.engine.load_adapter_for_request, request.adapter_id)
-        seq = await self._prepare(request)
+        seq = await self._admit(request)
         if seq.request_id in self._streams:
             self.engine.discard(seq)
             raise InvalidRequestError(f"request_id {seq.request_id!r} is already running")
@@ -139,6 +137,24 @@ class AsyncEngine:
             self._streams.pop(seq.request_id, None)
             if not finished:
                 self.abort(seq.request_id)
+
+    async def _admit(self, request: GenerateRequest):
+        """Load the request's adapter if it is not in memory (a disk read, in a worker thread: other requests
+        keep running), then tokenize. When host memory is full of adapters that other requests hold, the
+        request waits for them to finish (up to ADAPTER_WAIT_S) instead of failing: an adapter that exists
+        on disk is served however many adapters there are."""
+        delay, waited = 0.02, 0.0
+        while True:
+            try:
+                if request.adapter_id and self.engine.adapter_needs_load(request.adapter_id):
+                    await asyncio.to_thread(self.engine.load_adapter_for_request, request.adapter_id)
+                return await self._prepare(request)
+            except AdapterLoadError as exc:
+                if not exc.retry_when_idle or waited >= ADAPTER_WAIT_S:
+                    raise
+            await asyncio.sleep(delay)
+            waited += delay
+            delay = min(0.5, delay * 2)
 
     async def _prepare(self, request: GenerateRequest):
         """Tokenize and validate in a worker thread (chat templates and long prompts stay off the event loop)."""
