@@ -10,6 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+def instance_salt(instance: int) -> bytes:
+    """What every cache salt of this loaded instance starts with (block_manager.forget_salt drops them all)."""
+    return f"a{instance}/".encode()
+
+
 @dataclass(eq=False)
 class AdapterHandle:
     entry: object  # manager.AdapterEntry
@@ -38,4 +43,4 @@ class AdapterHandle:
     @property
     def cache_salt(self) -> bytes:
         """Part of every KV block hash of its sequence: this loaded instance and task, nothing else."""
-        return f"a{self.entry.instance}/t{self.task}".encode()
+        return instance_salt(self.entry.instance) + f"t{self.task}".encode()

@@ -182,9 +182,12 @@ class BlockManager:
         seq.num_computed = len(hits) * self.block_size
         seq.num_cached_blocks = len(hits)
 
-    def num_revived(self, hits: list[int]) -> int:
-        """How many of these cached blocks sit idle (sharing them takes them out of the free count)."""
-        return sum(1 for b in hits if self.allocator.ref_counts[b] == 0)
+    def start_cost(self, hits: list[int], num_new_tokens: int) -> int:
+        """Free blocks a sequence with no blocks yet takes to start on `hits` (find_cached) and run
+        num_new_tokens more positions: its new blocks, plus the idle cached hits that sharing takes back."""
+        total = len(hits) * self.block_size + num_new_tokens
+        revived = sum(1 for b in hits if self.allocator.ref_counts[b] == 0)
+        return -(-total // self.block_size) - len(hits) + revived
 
     def cache_computed(self, seq: Sequence) -> None:
         """After a step: register seq's blocks that are now full and computed."""

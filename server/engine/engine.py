@@ -15,7 +15,7 @@ import torch
 from loader.base import LoadedModel, load_base_model
 from server.config import EngineConfig
 from server.adapters.admission import AdapterAdmission
-from server.adapters.handle import AdapterHandle
+from server.adapters.handle import AdapterHandle, instance_salt
 from server.adapters.manager import AdapterManager
 from server.engine.block_manager import BlockManager
 from server.engine.detokenizer import IncrementalDetokenizer
@@ -214,7 +214,7 @@ class LLMEngine:
     def _forget_retired_adapters(self) -> None:
         """Cached KV of adapter instances that were unloaded or dropped from memory can never be hit again."""
         for instance in self.adapters.take_retired():
-            self.blocks.allocator.forget_salt(f"a{instance}/".encode())
+            self.blocks.allocator.forget_salt(instance_salt(instance))
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached block and the hit counts (blocks in use stay with their sequences)."""

@@ -118,8 +118,8 @@ class Scheduler:
             group = self.adapters.group(seq)
             if (group is not None and group in {self.adapters.group(b) for b in blocked}
                     and seq.adapter_id not in {s.adapter_id for s in self.running}):
-                # an older request waits for an adapter slot, pool pages or prefix room: a later one may not
-                # take them first with a new adapter of the same family (else the older could wait forever)
+                # an older request waits for an adapter slot or pool pages: a later one may not take them
+                # first with a new adapter of the same kind (else the older could wait forever)
                 blocked.append(self.waiting.popleft())
                 continue
             try:
@@ -133,9 +133,8 @@ class Scheduler:
                 continue
             hits = self.blocks.find_cached(seq)  # leading blocks another request already computed
             n = min(seq.num_uncomputed - len(hits) * self.blocks.block_size, budget)
-            need = -(-(len(hits) * self.blocks.block_size + n) // self.blocks.block_size) - len(hits)
             # the watermark keeps room for running sequences to grow; with none running it only starves
-            if not self._can_allocate(need + self.blocks.num_revived(hits) + (self._watermark if self.running else 0)):
+            if not self.blocks.can_allocate(self.blocks.start_cost(hits, n) + (self._watermark if self.running else 0)):
                 self.adapters.release(seq)
                 break
             self.waiting.popleft()
@@ -161,7 +160,7 @@ class Scheduler:
     def _reserve(self, seq: Sequence, n: int, preempted: list[Sequence]) -> bool:
         """Grow seq's table for n tokens, preempting the youngest running sequences if needed."""
         need = self.blocks.blocks_needed(seq, n)
-        while not self._can_allocate(need):
+        while not self.blocks.can_allocate(need):  # idle cached blocks count: they are evicted on demand
             victim = self.running[-1]
             self._preempt(victim)
             preempted.append(victim)
@@ -169,9 +168,6 @@ class Scheduler:
                 return False
         self.blocks.grow(seq, n)
         return True
-
-    def _can_allocate(self, num_blocks: int) -> bool:
-        return self.blocks.can_allocate(num_blocks)  # idle cached blocks count: they are evicted on demand
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
