@@ -121,6 +121,12 @@ def _tensors(fn):
     return edit
 
 
+def _poison(t: torch.Tensor, value: float) -> torch.Tensor:
+    t = t.clone()
+    t.view(-1)[t.numel() // 2] = value
+    return t
+
+
 BROKEN_FILES = [  # (writer, edit of the written files, words the message must hold)
     (lora, _corrupt_weights, "not a valid safetensors file"),
     (lora, _config_text("[1, 2]"), "expected a JSON object, got list"),
@@ -131,6 +137,10 @@ BROKEN_FILES = [  # (writer, edit of the written files, words the message must h
     (lora, _tensors(lambda t: {k: v[:, :1] if "lora_B" in k else v for k, v in t.items()}),
      "are not an (r, in) / (out, r) pair"),
     (lora, _tensors(lambda t: {k: v[0] if "lora_A" in k else v for k, v in t.items()}), "lora_A"),
+    (lora, _tensors(lambda t: {k: _poison(v, float("nan")) if k.endswith("1.self_attn.v_proj.lora_B.weight") else v
+                               for k, v in t.items()}), "model.layers.1.self_attn.v_proj has NaN or infinite weights"),
+    (lora, _tensors(lambda t: {k: _poison(v, float("-inf")) if k.endswith("0.self_attn.q_proj.lora_A.weight") else v
+                               for k, v in t.items()}), "model.layers.0.self_attn.q_proj has NaN or infinite weights"),
     (prompt, _tensors(lambda t: {"prompt_embeddings": t["prompt_embeddings"].to(torch.int64)}), "floating-point"),
     (prompt, _tensors(lambda t: {"prompt_embeddings": t["prompt_embeddings"].flatten()}), "prompt_embeddings"),
     (prompt, _tensors(lambda t: {"prompt_embeddings": t["prompt_embeddings"][:2]}), "num_virtual_tokens=4"),
@@ -138,7 +148,7 @@ BROKEN_FILES = [  # (writer, edit of the written files, words the message must h
 ]
 
 
-@pytest.mark.parametrize("write,edit,words", BROKEN_FILES, ids=[w for _, _, w in BROKEN_FILES])
+@pytest.mark.parametrize("write,edit,words", BROKEN_FILES, ids=[f"{i}-{w}" for i, (_, _, w) in enumerate(BROKEN_FILES)])
 def test_broken_files_are_invalid(model, tmp_path, write, edit, words):
     edit(write(tmp_path / "bad"))
     m = manager(model, tmp_path)
@@ -304,3 +314,47 @@ def test_prefix_over_the_kv_budget_is_refused_at_load(tmp_path, kind):
     assert engine.adapters.load("fits").host is not None
 
 
+
+
+# -- the packer: one copy from the file into the host buffer, converted on the way -------------------------------
+@pytest.mark.parametrize("file_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("alpha", [4, 3])  # scale 2 (a power of two: exact in any dtype) and 1.5
+def test_packed_buffer_equals_the_file_converted_once(model, tmp_path, file_dtype, pool_dtype, alpha):
+    """Whatever the file's and the pool's dtypes, each packed A row is the file's A in the pool's dtype and each
+    Bt row is scale * B rounded once to it (computed in fp32)."""
+    path = lora(tmp_path / "a", rank=2, targets=ALL_LINEAR, lora_alpha=alpha)
+    _tensors(lambda t: {k: v.to(file_dtype) for k, v in t.items()})(path)
+    from safetensors.torch import load_file
+    stored = load_file(str(path / "adapter_model.safetensors"))
+    m = AdapterManager(model, adapter_root=tmp_path, device_memory=8 << 20, host_memory=64 << 20, max_lora_rank=64,
+                       lora_dtype=pool_dtype)
+    packed = m.load("a").host
+    assert packed.flat.dtype == pool_dtype
+    page = m.pool.page_size
+    scale = alpha / 2
+    checked = 0
+    for (layer, first), g in packed.groups.items():
+        a_cat = packed.flat[g.a_pages[0] * page:g.a_pages[1] * page].view(g.rank, g.in_features)
+        for s in g.slices:
+            key = f"base_model.model.model.layers.{layer}.{'self_attn' if s.name.endswith(('q_proj', 'k_proj', 'v_proj', 'o_proj')) else 'mlp'}.{s.name}"
+            want_a = stored[f"{key}.lora_A.weight"].to(pool_dtype)
+            want_bt = (stored[f"{key}.lora_B.weight"].float().t() * scale).to(pool_dtype)
+            bt = packed.flat[s.bt_pages[0] * page:s.bt_pages[1] * page].view(s.r1 - s.r0, s.out_features)
+            assert torch.equal(a_cat[s.r0:s.r1], want_a), (key, "A")
+            assert torch.equal(bt, want_bt), (key, "Bt")
+            checked += 1
+    assert checked == len(ALL_LINEAR) * CFG.num_hidden_layers
+
+
+def test_weights_that_overflow_a_float16_pool_are_invalid(model, tmp_path):
+    """Finite in the file (fp32), infinite once rounded to the fp16 pool: refused, naming the pool's dtype."""
+    path = lora(tmp_path / "big")
+    _tensors(lambda t: {k: v * 1e6 if "lora_B" in k else v for k, v in t.items()})(path)
+    m = AdapterManager(model, adapter_root=tmp_path, device_memory=8 << 20, host_memory=64 << 20, max_lora_rank=64,
+                       lora_dtype=torch.float16)
+    with pytest.raises(AdapterLoadError) as err:
+        m.load("big")
+    assert err.value.reason == "invalid" and "overflow float16" in str(err.value), str(err.value)
+    assert m.get("big") is None
+    assert manager(model, tmp_path).load("big").host is not None  # the fp32 pool holds it

@@ -143,8 +143,13 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_lora_adapter(adapter_id: str, path: Path, model: ModelConfig, max_rank: int,
-                      base_weight: Callable[[int, str], torch.Tensor], dtype: torch.dtype) -> LoraAdapter:
-    """base_weight(layer, module) -> the served [out, in] weight (dequantized) for DoRA's norms."""
+                      base_weight: Callable[[int, str], torch.Tensor], dtype: torch.dtype | None,
+                      check_finite: bool = True) -> LoraAdapter:
+    """base_weight(layer, module) -> the served [out, in] weight (dequantized) for DoRA's norms.
+
+    dtype None keeps each tensor in the file's dtype (no copy: A and Bt are views of what was read; the
+    server's packer converts while it copies into the host buffer, once). check_finite False: the caller
+    checks (layout.pack checks its whole buffer in one pass)."""
     cfg = LoraAdapterConfig.from_dict(read_adapter_config(path), f"{path.name}/{CONFIG_FILE}")
     tensors = read_safetensors(path)
     dims = module_dims(model)
@@ -182,7 +187,7 @@ def load_lora_adapter(adapter_id: str, path: Path, model: ModelConfig, max_rank:
         absent = [n for n in need if n not in p]
         if absent or set(p) - set(need):
             raise AdapterLoadError("invalid", f"{path.name}: {name} has tensors {sorted(p)}, expected {list(need)}")
-        A, B = p["lora_A"].float(), p["lora_B"].float()
+        A, B = p["lora_A"], p["lora_B"]  # as the file holds them: a plain LoRA is converted once, by its packer
         fan_in, fan_out = dims[mod]
         if A.dim() != 2 or B.dim() != 2 or B.shape[1] != A.shape[0]:
             raise AdapterLoadError("invalid", f"{path.name}: {name} lora_A {tuple(A.shape)} / lora_B "
@@ -198,16 +203,17 @@ def load_lora_adapter(adapter_id: str, path: Path, model: ModelConfig, max_rank:
         if r > max_rank:
             raise AdapterLoadError("too_large", f"{path.name}: rank {r} at {name} is over the server's "
                                    f"--max-lora-rank {max_rank}")
-        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+        if check_finite and not (torch.isfinite(A).all() and torch.isfinite(B).all()):
             raise AdapterLoadError("invalid", f"{path.name}: {name} has NaN or infinite weights")
         scale = cfg.scale_of(name, r)
         if cfg.peft_type == "ADALORA":
             E = p["lora_E"].float()
             if E.shape != (r, 1):
                 raise AdapterLoadError("invalid", f"{path.name}: {name} lora_E {tuple(E.shape)}, expected ({r}, 1)")
-            A = A * E
+            A = A.float() * E
         g = None
         if cfg.use_dora:
+            A, B = A.float(), B.float()
             mag = p["lora_magnitude_vector"].float().reshape(-1)
             if mag.numel() != fan_out:
                 raise AdapterLoadError("incompatible", f"{path.name}: {name} magnitude has {mag.numel()} entries, "
@@ -216,6 +222,7 @@ def load_lora_adapter(adapter_id: str, path: Path, model: ModelConfig, max_rank:
             norm = (W + scale * (B @ A)).norm(p=2, dim=1)  # [out], PEFT's weight_norm
             g = mag / norm
             B = B * g[:, None]
-        adapter.modules[(layer, mod)] = LoraModule(A.to(dtype).contiguous(), B.t().to(dtype).contiguous(), scale,
-                                                   None if g is None else g.to(dtype))
+        if dtype is not None:
+            A, B = A.to(dtype), B.to(dtype)
+        adapter.modules[(layer, mod)] = LoraModule(A, B.t(), scale, None if g is None else g.to(dtype or torch.float32))
     return adapter

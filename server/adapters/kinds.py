@@ -50,7 +50,12 @@ class LoraKind(AdapterKind):
     counts_against_max_loras = True
 
     def read(self, mgr, adapter_id, path):
-        adapter = load_lora_adapter(adapter_id, path, mgr.cfg, mgr.max_rank, mgr.model.linear_weight, mgr.dtype)
+        # read as stored, converted and checked once while packed
+        adapter = load_lora_adapter(adapter_id, path, mgr.cfg, mgr.max_rank, mgr.model.linear_weight, None,
+                                    check_finite=False)
+        for m in adapter.modules.values():
+            if m.dora_g is not None:  # applied to the base output, in the model's dtype
+                m.dora_g = m.dora_g.to(mgr.dtype)
         # pinned host memory on CUDA: fast, asynchronous copies into the pool
         packed = pack(adapter, mgr.model, mgr.pool.page_size, pin=mgr.device.type == "cuda", dtype=mgr.pool.buffer.dtype)
         if packed.num_pages > mgr.pool.num_pages:

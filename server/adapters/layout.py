@@ -11,13 +11,15 @@ For the Triton kernels the same layout is described by one int32 row per fused l
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from kernels.lora import DESC_FIELDS
-from loader.adapters.lora import LoraAdapter
+from loader.adapters.lora import _PARENT, LoraAdapter
 from server.adapters.pool import PagePool
+from server.errors import AdapterLoadError
 
 
 @dataclass
@@ -50,9 +52,13 @@ class PackedAdapter:
 
 
 def pack(adapter: LoraAdapter, model, page_size: int, pin: bool, dtype: torch.dtype | None = None) -> PackedAdapter:
-    """Lay the adapter out in page order (A_cat then Bt per fused layer) in one host buffer of `dtype`
-    (the pool's; the scale is folded in at the adapter's precision first, then rounded once)."""
-    parts, groups, at = [], {}, 0
+    """Lay the adapter out in page order (A_cat then Bt per fused layer) in one host buffer of `dtype` (the
+    pool's; default: the adapter's), written once: each tensor read from its file is copied straight into its
+    place, converted on the way. The scale is folded into Bt in fp32 (or in the buffer's dtype when that is
+    exact) and rounded once. One finiteness check over the whole buffer (NaN, infinity, or an overflow of the
+    buffer's dtype) names the first bad module."""
+    copies: list[tuple[int, torch.Tensor, float | None]] = []  # (element offset, source [rows, width], scale)
+    groups, at = {}, 0
     by_linear: dict[tuple[int, str], list[str]] = {}
     desc = torch.zeros(len(model.linears()), DESC_FIELDS, dtype=torch.int32)
     for layer, mod in sorted(adapter.modules):
@@ -62,31 +68,55 @@ def pack(adapter: LoraAdapter, model, page_size: int, pin: bool, dtype: torch.dt
         lin = model.linear(layer, first)
         mods = [m for m in lin.slice_names if m in mods]  # the fused order
         ms = [adapter.modules[(layer, m)] for m in mods]
-        a = torch.cat([m.A for m in ms])  # [sum r, in]
-        a_start = at
-        parts.append(a.reshape(-1))
-        at += a.numel() // page_size
-        slices, r = [], 0
+        a_start, rows = at, 0
+        for m in ms:  # A_cat [sum r, in]: the slices' A rows back to back
+            copies.append((at * page_size, m.A, None))
+            at += _pages(m.A, page_size)
+            rows += m.rank
+        a_end, slices, r = at, [], 0
         d = desc[lin.key]
-        d[0], d[1] = a_start, a.shape[0]
+        d[0], d[1] = a_start, rows
         for name, m in zip(mods, ms):
-            bt = (m.Bt * m.scale).reshape(-1)
-            parts.append(bt)
+            copies.append((at * page_size, m.Bt, m.scale))
+            n = _pages(m.Bt, page_size)
             j = 2 + 3 * lin.slice_names.index(name)
             d[j], d[j + 1], d[j + 2] = at, r, r + m.rank
-            slices.append(SliceLayout(name, lin.slice_offsets[name], r, r + m.rank, (at, at + bt.numel() // page_size),
-                                      m.Bt.shape[1], m.dora_g))
-            at += bt.numel() // page_size
+            slices.append(SliceLayout(name, lin.slice_offsets[name], r, r + m.rank, (at, at + n), m.Bt.shape[1],
+                                      m.dora_g))
+            at += n
             r += m.rank
-        groups[(layer, first)] = GroupLayout((a_start, a_start + a.numel() // page_size), a.shape[1], r, slices)
-    flat = torch.cat(parts)
-    if dtype is not None:
-        flat = flat.to(dtype)
-    assert flat.numel() == at * page_size, "row widths must be multiples of the page size"
-    if pin:
-        flat = flat.pin_memory()
+        groups[(layer, first)] = GroupLayout((a_start, a_end), ms[0].A.shape[1], r, slices)
+    if dtype is None:
+        dtype = copies[0][1].dtype if copies else torch.float32
+    flat = torch.empty(at * page_size, dtype=dtype, pin_memory=pin)
+    for off, src, scale in copies:
+        dst = flat[off:off + src.numel()].view(src.shape)
+        if scale is None:
+            dst.copy_(src)
+        elif dtype == torch.float32 or math.frexp(scale)[0] == 0.5:  # exact in dst (a power of two), or fp32 anyway
+            dst.copy_(src).mul_(scale)
+        else:
+            dst.copy_(src.float() * scale)
+    _check_finite(adapter, flat)
     max_rank = max((g.rank for g in groups.values()), default=0)
     return PackedAdapter(flat, at, groups, desc, max_rank)
+
+
+def _pages(t: torch.Tensor, page_size: int) -> int:
+    assert t.numel() % page_size == 0, "row widths must be multiples of the page size"
+    return t.numel() // page_size
+
+
+def _check_finite(adapter: LoraAdapter, flat: torch.Tensor) -> None:
+    """One pass (a sum: NaN and infinity propagate); only a non-finite sum looks closer, to name the module."""
+    if flat.numel() == 0 or torch.isfinite(flat.sum(dtype=torch.float32)) or torch.isfinite(flat).all():
+        return
+    name = adapter.path.name if adapter.path else adapter.adapter_id
+    for (layer, mod), m in sorted(adapter.modules.items()):
+        if not (torch.isfinite(m.A).all() and torch.isfinite(m.Bt).all()):
+            raise AdapterLoadError("invalid", f"{name}: model.layers.{layer}.{_PARENT[mod]}.{mod} has NaN or infinite weights")
+    raise AdapterLoadError("invalid", f"{name}: weights overflow {str(flat.dtype).removeprefix('torch.')} "
+                           "(the adapter pool's --lora-dtype)")
 
 
 @dataclass
