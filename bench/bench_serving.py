@@ -131,12 +131,14 @@ def make_adapters(args) -> list[str]:
     names, t0, made = [], time.perf_counter(), 0
     for i in range(args.num_adapters):
         rank = ranks[i % len(ranks)]
-        name = f"s{args.seed}-r{rank}-{'-'.join(m.removesuffix('_proj') for m in modules)}-{i:05d}"
+        dt = "" if args.adapter_dtype == "float32" else f"-{args.adapter_dtype}"
+        name = f"s{args.seed}-r{rank}-{'-'.join(m.removesuffix('_proj') for m in modules)}{dt}-{i:05d}"
         names.append(name)
         out = root / name
         if (out / "adapter_model.safetensors").exists():
             continue
         tensors = random_lora(cfg, rank, modules, torch.Generator().manual_seed(args.seed * 100003 + i), None, 0.02)
+        tensors = {k: v.to(getattr(torch, args.adapter_dtype)) for k, v in tensors.items()}
         save_adapter(out, {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank,
                            "target_modules": modules, "bias": "none", "lora_dropout": 0.0}, tensors)
         made += 1
@@ -285,6 +287,7 @@ def scrape(url: str | None) -> dict[str, float]:
 
 def tier_events(before: dict, after: dict) -> dict:
     keys = ['tessera_adapter_load_seconds_count{source="disk"}', 'tessera_adapter_load_seconds_count{source="host"}',
+            "tessera_adapter_prefetches_total", "tessera_adapter_pool_evictions_total",
             "vllm:prefix_cache_hits_total", "tessera_num_preemptions_total"]
     ev = {k.split("{")[0].replace("tessera_adapter_load_seconds_count", "loads") + (
         "_" + k.split('"')[1] if '"' in k else ""): after.get(k, 0) - before.get(k, 0) for k in keys if k in after}
@@ -338,6 +341,8 @@ def main() -> None:
     ap.add_argument("--popularity", default="uniform", help="uniform | zipf:S")
     ap.add_argument("--ranks", default="8,16,32,64")
     ap.add_argument("--target-modules", default="q_proj,k_proj,v_proj,o_proj")
+    ap.add_argument("--adapter-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="dtype of the generated adapter files (PEFT saves a bf16-trained adapter in bf16)")
     ap.add_argument("--adapter-dir", default=str(ROOT / ".cache" / "bench-serving"))
     ap.add_argument("--model", default=None, help="the base the adapters are made for (default: the embedded SmolLM2)")
     ap.add_argument("--input-len", type=int, default=32)

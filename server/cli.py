@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--adapter-kv-fraction", type=float, default=0.25,
                    help="largest share of the KV cache that one prefix/prompt-tuning adapter's virtual tokens may "
                    "take (an adapter over it is refused at load)")
+    a.add_argument("--adapter-prefetch", action=argparse.BooleanOptionalAction, default=True,
+                   help="copy the LoRA adapters that queued requests wait for into the device pool in a thread of "
+                   "its own while the batch runs (--no-adapter-prefetch: at admission, in the engine thread)")
     a.add_argument("--no-load-on-demand", action="store_true",
                    help="a Generate naming an adapter that is not loaded gets NOT_FOUND instead of loading it "
                    "from --adapter-root")
@@ -135,6 +138,7 @@ def configs(args: argparse.Namespace):
                           adapter_root=str(args.adapter_root) if args.adapter_root else None,
                           adapter_memory=args.adapter_memory, adapter_host_memory=args.adapter_host_memory,
                           max_lora_rank=args.max_lora_rank, max_loras=args.max_loras, lora_dtype=args.lora_dtype,
+                          adapter_prefetch=args.adapter_prefetch,
                           adapter_kv_fraction=args.adapter_kv_fraction, load_adapters_on_demand=not args.no_load_on_demand,
                           enable_prefix_caching=args.enable_prefix_caching)
     auth = Auth(admin_token=args.admin_token or os.environ.get("TESSERA_ADMIN_TOKEN") or None,

@@ -39,6 +39,7 @@ class EngineConfig:
     lora_dtype: str = "auto"  # dtype of the adapter pool: auto = the model's dtype (bfloat16 halves its bytes)
     max_loras: int = 32  # distinct adapters in one batch
     load_adapters_on_demand: bool = True  # a Generate naming an unloaded id under adapter_root loads it
+    adapter_prefetch: bool = True  # copy queued requests' LoRA adapters into the device pool while the batch runs
     adapter_kv_fraction: float = 0.25  # largest share of the KV cache one prompt-learning adapter's virtual tokens may take
     # prompt characters (a prompt, or all message contents together) accepted before tokenizing;
     # None = 32 per token of context (no real prompt that fits the context is that long)

@@ -66,6 +66,11 @@ class _EngineCollector:
                                 value=s["adapter_pool_pages"])
         yield GaugeMetricFamily("tessera_adapter_pool_pages_used", "Pages of the device adapter pool in use.",
                                 value=s["adapter_pool_pages_used"])
+        yield CounterMetricFamily("tessera_adapter_prefetches", "LoRA adapters copied into the device pool ahead of "
+                                  "their queued requests' admission (by the prefetch thread).",
+                                  value=s["adapter_prefetches"])
+        yield CounterMetricFamily("tessera_adapter_pool_evictions", "Adapters evicted from the device pool to make "
+                                  "room (their host copy stays).", value=s["adapter_pool_evictions"])
         kinds = GaugeMetricFamily("tessera_adapters_loaded", "Registered adapters by kind.", labels=["kind"])
         for kind, n in sorted(s["adapter_kinds"].items()):
             kinds.add_metric([kind], n)

@@ -100,6 +100,9 @@ def test_a_request_blocked_on_its_adapter_is_not_overtaken_by_new_adapters():
             resident = {s.adapter_id for s in running if s.adapter_id}
             return seq.adapter_id in resident or sum(pages[x] for x in resident) + pages[seq.adapter_id] <= 4
 
+        def resident(self, seq):  # only running adapters are in the pool here
+            return False
+
         def release(self, seq):
             pass
 
@@ -116,3 +119,50 @@ def test_a_request_blocked_on_its_adapter_is_not_overtaken_by_new_adapters():
     assert [s.request_id for s in sched.schedule().seqs] == ["B"]
     sched.remove(seqs["B"])
     assert [s.request_id for s in sched.schedule().seqs] == ["C"]
+
+
+def test_a_request_with_a_resident_adapter_passes_a_blocked_one_for_a_bounded_number_of_steps():
+    """B's adapter b cannot get pages while A runs. Each step a new request arrives for another adapter that
+    is already resident (it takes no pages): it goes ahead of B, until B has been passed over MAX_PASS_OVER
+    steps; from then on its group waits behind B (a request for A's running adapter still goes). B runs as
+    soon as A ends, before the waiting ones."""
+    from server.engine.scheduler import MAX_PASS_OVER
+
+    class Pool:
+        def group(self, seq):
+            return None if seq.adapter_id is None else "pool"
+
+        def admit(self, seq, running):
+            return seq.adapter_id != "b" or all(s.adapter_id != "a" for s in running)
+
+        def resident(self, seq):
+            return seq.adapter_id != "b"
+
+        def release(self, seq):
+            pass
+
+    sched = Scheduler(BlockManager(num_blocks=512, block_size=4), max_num_seqs=64, max_num_batched_tokens=4096,
+                      adapters=Pool())
+    a, b = _seq("A", 3), _seq("B", 3)
+    a.adapter_id, b.adapter_id = "a", "b"
+    sched.add(a)
+    sched.add(b)
+    admitted = []
+    for i in range(MAX_PASS_OVER + 3):
+        c = _seq(f"C{i}", 3)
+        c.adapter_id = f"c{i}"
+        sched.add(c)
+        batch = sched.schedule()
+        admitted += [s.request_id for s in batch.seqs if s.num_computed == 0 and s.request_id.startswith("C")]
+        for s in batch.seqs:
+            s.num_computed += 3 if s.num_computed == 0 else 0
+    assert admitted == [f"C{i}" for i in range(MAX_PASS_OVER)]
+    assert b.passed_over == MAX_PASS_OVER and b.status is SequenceStatus.WAITING
+    same = _seq("E", 3)
+    same.adapter_id = "a"  # A's adapter: nothing new, it goes even now
+    sched.add(same)
+    assert "E" in [s.request_id for s in sched.schedule().seqs]
+    sched.remove(a)
+    sched.remove(same)
+    first = [s.request_id for s in sched.schedule().seqs if s.num_computed == 0]
+    assert first[0] == "B" and set(first) == {"B"} | {f"C{i}" for i in range(MAX_PASS_OVER, MAX_PASS_OVER + 3)}

@@ -35,6 +35,12 @@ class AdapterAdmission:
         self.manager.pin(h)
         return True
 
+    def resident(self, seq: Sequence) -> bool:
+        """seq's adapter runs without taking anything new: no adapter, a kind without pages, or already in
+        device pages (its pin takes none). The scheduler lets such a request pass an older blocked one."""
+        h = seq.adapter
+        return h is None or not h.kind.uses_pool or h.entry.device is not None
+
     def release(self, seq: Sequence) -> None:
         """seq stopped running (finished, failed, preempted): its adapter may be evicted again."""
         if seq.adapter is not None:

@@ -11,8 +11,9 @@ adapter a request waits for is never dropped; one dropped between its load and i
 acquire is read again by acquire.
 
 Threads: disk loads run in worker threads (`load`); the engine thread makes adapters resident and
-pins them between steps (`make_resident`, `pin`, `unpin`); admin calls may come from anywhere. One
-lock guards the registry; disk I/O happens outside it.
+pins them between steps (`make_resident`, `pin`, `unpin`); the prefetch thread (prefetch.py) copies the
+adapters that queued requests wait for into device pages ahead of their admission (`prefetch`); admin
+calls may come from anywhere. One lock guards the registry; disk I/O and prefetch copies happen outside it.
 """
 from __future__ import annotations
 
@@ -66,6 +67,7 @@ class AdapterEntry:
     unloading: bool = False
     chat_template: str | None = None  # the adapter's own (loader/adapters/chat_template.py); None = the base model's
     instance: int = 0  # which reading of its files is in memory: new at every load from disk (the KV cache's key)
+    staging: bool = False  # the prefetch thread is copying it into device pages (not resident until done)
     last_used: float = field(default_factory=time.monotonic)
 
     @property
@@ -106,7 +108,9 @@ class AdapterManager:
         self.entries: dict[str, AdapterEntry] = {}
         self.observer: AdapterObserver | None = None
         self.num_evictions = 0
+        self.num_prefetched = 0  # adapters copied into device pages ahead of their requests (prefetch)
         self._lock = threading.RLock()
+        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._loading: dict[str, _LoadJob] = {}
         self._retired: list[int] = []  # instances dropped from memory, for the engine to forget their KV
         # Set by the engine once the KV cache exists: num_virtual_tokens -> why a prompt-learning adapter's
@@ -293,13 +297,16 @@ class AdapterManager:
             e.last_used = time.monotonic()
             if e.device is not None or not e.family.uses_pool:  # the others need no pages
                 return True
+            if e.staging:  # the prefetch thread is copying it in: ready at a later step
+                return False
             t0 = time.perf_counter()
             need = e.host.num_pages
             while self.pool.num_free < need:
                 victims = [v for v in self.entries.values() if v.device is not None and v.pins == 0 and v is not e]
                 if not victims:
                     return False
-                self._evict(min(victims, key=lambda v: v.last_used))
+                # adapters no request waits for go first, then the least recently used
+                self._evict(min(victims, key=lambda v: (v.refs > 0, v.last_used)))
             try:
                 pages = self.pool.allocate(need)
             except PoolFullError:
@@ -310,6 +317,48 @@ class AdapterManager:
             if self.observer:
                 self.observer.adapter_loaded("host", time.perf_counter() - t0)
             return True
+
+    def prefetch(self, e: AdapterEntry) -> bool:
+        """Copy a host-resident LoRA adapter that queued requests wait for into device pages, ahead of their
+        admission (the prefetch thread; the engine keeps stepping meanwhile). Room comes from free pages or from
+        adapters no request holds: a prefetch never evicts what a queued or running request needs. The entry is
+        `staging` during the copy (not resident: make_resident waits for it); if it is unloaded or dropped from
+        memory meanwhile, its pages go back to the pool. -> True if it is resident now."""
+        with self._lock:
+            if (e.host is None or e.device is not None or e.staging or not e.family.uses_pool or e.unloading
+                    or self.entries.get(e.adapter_id) is not e):
+                return False
+            need = e.host.num_pages
+            while self.pool.num_free < need:
+                victims = [v for v in self.entries.values()
+                           if v.device is not None and v.pins == 0 and v.refs == 0]
+                if not victims:
+                    return False
+                self._evict(min(victims, key=lambda v: v.last_used))
+            pages = self.pool.allocate(need)
+            e.staging, host = True, e.host
+        t0 = time.perf_counter()
+        resident = None
+        try:
+            if self._copy_stream is not None:  # beside the engine's stream; done before anyone can use it
+                with torch.cuda.stream(self._copy_stream):
+                    resident = place(host, self.pool, pages, self.device)
+                self._copy_stream.synchronize()
+            else:
+                resident = place(host, self.pool, pages, self.device)
+        finally:
+            with self._lock:
+                e.staging = False
+                if resident is None or e.host is not host or self.entries.get(e.adapter_id) is not e:
+                    self.pool.free(pages)  # failed, or unloaded / dropped while it was copied
+                    resident = None
+                else:
+                    e.pages, e.device = pages, resident
+                    self.num_prefetched += 1
+        if resident is not None:
+            log.debug("adapter %s prefetched into %d device pages in %.1f ms", e.adapter_id, need,
+                      (time.perf_counter() - t0) * 1000)
+        return resident is not None
 
     def pin(self, handle: AdapterHandle) -> None:
         """While its sequence runs: the device pages stay (an unpinned adapter may be evicted)."""

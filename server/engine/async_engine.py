@@ -37,6 +37,8 @@ class EngineStats:
     adapter_tiers: dict[str, int]  # "device" / "host" / "disk" -> adapters
     adapter_pool_pages: int
     adapter_pool_pages_used: int
+    adapter_prefetches: int  # adapters copied into device pages ahead of their requests (prefetch thread)
+    adapter_pool_evictions: int  # adapters evicted from device pages (their host copy stays)
     adapter_kinds: dict[str, int]  # lora / dora / adalora / prefix / prompt / p_tuning / multitask / ia3 / adaption_prompt
     adapter_kv_blocks: int  # cached KV blocks holding prompt-learning adapters' virtual tokens
     kv_blocks_cached: int  # blocks findable in the prefix cache (in use or idle)
@@ -93,7 +95,9 @@ class AsyncEngine:
                            adapters_running=dict(Counter(q.adapter_id for q in running if q.adapter_id)),
                            adapters_waiting=dict(Counter(q.adapter_id for q in waiting if q.adapter_id)),
                            adapter_tiers=dict(ad.tier_counts()), adapter_pool_pages=ad.pool.num_pages,
-                           adapter_pool_pages_used=ad.pool.num_used, adapter_kinds=dict(ad.kind_counts()),
+                           adapter_pool_pages_used=ad.pool.num_used,
+                           adapter_prefetches=ad.num_prefetched, adapter_pool_evictions=ad.num_evictions,
+                           adapter_kinds=dict(ad.kind_counts()),
                            adapter_kv_blocks=len(a.virtual), kv_blocks_cached=a.num_cached,
                            prefix_cache_queries=self.engine.blocks.prefix_queries,
                            prefix_cache_hits=self.engine.blocks.prefix_hits)

@@ -17,6 +17,7 @@ from server.config import EngineConfig
 from server.adapters.admission import AdapterAdmission
 from server.adapters.handle import AdapterHandle, instance_salt
 from server.adapters.manager import AdapterManager
+from server.adapters.prefetch import Prefetcher
 from server.engine.block_manager import BlockManager
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.errors import AdapterNotFoundError, InvalidRequestError
@@ -61,6 +62,8 @@ class LLMEngine:
         self.adapters.prompt_kv_refusal = self._prompt_kv_refusal
         self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens,
                                    AdapterAdmission(self.adapters, cfg.max_loras))
+        # the adapters queued requests wait for go into device pages while the batch runs
+        self.prefetcher = Prefetcher(self.adapters, cfg.max_loras) if cfg.adapter_prefetch else None
         self.sampler = Sampler()
         self.eos_ids = set(mc.eos_token_ids)
         self.requests: dict[str, Sequence] = {}
@@ -236,6 +239,8 @@ class LLMEngine:
 
     def fail_all(self, message: str) -> list[RequestOutput]:
         """At shutdown: end every live request with ERROR and free everything."""
+        if self.prefetcher is not None:
+            self.prefetcher.close()
         return [self.fail(seq, message) for seq in list(self.requests.values())]
 
     def fail_running(self, message: str) -> list[RequestOutput]:
@@ -253,6 +258,8 @@ class LLMEngine:
         is rerun in halves (_execute) so that only the sequences that fail on their own end."""
         self._forget_retired_adapters()
         batch = self.scheduler.schedule()
+        if self.prefetcher is not None:
+            self.prefetcher.want(self.scheduler.waiting)
         outputs = [self.fail(seq, msg) for seq, msg in batch.failed]
         if not batch.seqs:
             return outputs

@@ -26,7 +26,11 @@ class AdapterGate(Protocol):
 
     def group(self, seq: Sequence) -> Hashable | None: ...  # what its adapter competes for; None: no adapter
     def admit(self, seq: Sequence, running: list[Sequence]) -> bool: ...  # ready and pinned now, or not now
+    def resident(self, seq: Sequence) -> bool: ...  # its adapter can run without taking anything new (pages)
     def release(self, seq: Sequence) -> None: ...  # it stopped running
+
+
+MAX_PASS_OVER = 16  # steps a request blocked on its adapter may be passed by later ones with resident adapters
 
 
 class _NoAdapters:
@@ -34,6 +38,9 @@ class _NoAdapters:
         return None
 
     def admit(self, seq, running):
+        return True
+
+    def resident(self, seq):
         return True
 
     def release(self, seq):
@@ -109,19 +116,24 @@ class Scheduler:
             picked.append((seq, n))
 
         # Waiting sequences in arrival order (preempted ones were put back in front). One whose adapter
-        # cannot run now (--max-loras reached, pool full of pinned adapters) lets later ones go first if
-        # they bring no new adapter of the same family into the batch.
+        # cannot run now (--max-loras reached, pool full of pinned adapters, its pages still being copied in)
+        # lets later ones of its group go first only if they take nothing it waits for: their adapter already
+        # runs, or it is resident (no new pages), and the older one has been passed over fewer than
+        # MAX_PASS_OVER steps (after that its group waits for it: every request makes progress).
         blocked: list[Sequence] = []
+        oldest_blocked: dict[Hashable, Sequence] = {}  # group -> its oldest blocked sequence this step
+        passed: set[Sequence] = set()
         failed: list[tuple[Sequence, str]] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             seq = self.waiting[0]
             group = self.adapters.group(seq)
-            if (group is not None and group in {self.adapters.group(b) for b in blocked}
-                    and seq.adapter_id not in {s.adapter_id for s in self.running}):
-                # an older request waits for an adapter slot or pool pages: a later one may not take them
-                # first with a new adapter of the same kind (else the older could wait forever)
-                blocked.append(self.waiting.popleft())
-                continue
+            oldest = oldest_blocked.get(group) if group is not None else None
+            if oldest is not None and seq.adapter_id not in {s.adapter_id for s in self.running}:
+                if oldest.passed_over >= MAX_PASS_OVER or not self.adapters.resident(seq):
+                    # it would take an adapter slot or pages the older one waits for first
+                    blocked.append(self.waiting.popleft())
+                    continue
+                passed.add(oldest)  # counted if seq is admitted below
             try:
                 ready = self.adapters.admit(seq, self.running)
             except Exception as exc:  # this request's adapter only: it fails, the queue goes on
@@ -130,6 +142,9 @@ class Scheduler:
                 continue
             if not ready:
                 blocked.append(self.waiting.popleft())
+                if group is not None:
+                    oldest_blocked.setdefault(group, seq)
+                passed.discard(seq)
                 continue
             hits = self.blocks.find_cached(seq)  # leading blocks another request already computed
             n = min(seq.num_uncomputed - len(hits) * self.blocks.block_size, budget)
@@ -148,6 +163,9 @@ class Scheduler:
             picked.append((seq, n))
 
         self.waiting.extendleft(reversed(blocked))
+        for seq in passed:
+            if seq.status is SequenceStatus.WAITING:
+                seq.passed_over += 1
         batch = ScheduledBatch(preempted=preempted, failed=failed)
         # A sequence preempted after it was picked (to make room for an older one) sits out.
         picked = [(s, n) for s, n in picked if s.status is SequenceStatus.RUNNING]

@@ -43,6 +43,7 @@ class Sequence:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     num_preemptions: int = 0
+    passed_over: int = 0  # steps in which later requests went first while its adapter could not run (scheduler)
     # Per-request helpers owned by the engine (sampling state, detokenizer, stop matcher).
     sampling_state: Any = None
     detokenizer: Any = None

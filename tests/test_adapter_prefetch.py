@@ -1,0 +1,175 @@
+"""Issue 19, on a tiny random Llama (fast): the LoRA adapters that queued requests wait for are copied into
+the device pool by the prefetch thread while the batch runs, so admission finds them resident; outputs are
+the same with prefetch on and off; an adapter unloaded or dropped while it is being copied gives its pages
+back; and a request whose adapter can run without new pages passes an older blocked one, but only for a
+bounded number of steps."""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from server.adapters import manager as manager_module
+from server.config import EngineConfig
+from server.engine.engine import LLMEngine
+from server.engine.request import GenerateRequest, SamplingParams
+from tests.tiny_models import CFG, CharTokenizer, lora, tiny_loaded
+
+NAMES = [f"lora-{i}" for i in range(6)]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    r = tmp_path_factory.mktemp("adapters")
+    for i, name in enumerate(NAMES):
+        lora(r / name, rank=4, seed=i + 1)
+    return r
+
+
+class Copies:
+    """The manager's observer: host -> device copies made at admission, in the engine thread."""
+
+    def __init__(self):
+        self.at_admission = 0
+
+    def adapter_loaded(self, source: str, seconds: float) -> None:
+        self.at_admission += source == "host"
+
+    def adapter_load_failed(self, reason: str) -> None:
+        pass
+
+
+def make_engine(root: Path, prefetch: bool, pool_adapters: int = 4, max_loras: int = 2) -> LLMEngine:
+    probe = LLMEngine(EngineConfig(adapter_root=str(root), device="cpu", quantize="none"), tiny_loaded())
+    pages = probe.adapters.load(NAMES[0]).host.num_pages
+    page_bytes = probe.adapters.pool.page_size * 4
+    cfg = EngineConfig(adapter_root=str(root), device="cpu", quantize="none", max_loras=max_loras,
+                       adapter_memory=pool_adapters * pages * page_bytes, adapter_prefetch=prefetch)
+    engine = LLMEngine(cfg, tiny_loaded(CharTokenizer(), scale=0.2))
+    for name in NAMES:
+        engine.adapters.load(name)
+    engine.adapters.observer = Copies()
+    return engine
+
+
+def requests() -> list[GenerateRequest]:
+    return [GenerateRequest(prompt_token_ids=[3 + i, 17, 5 + 2 * i], adapter_id=NAMES[i % len(NAMES)],
+                            request_id=f"r{i}", sampling=SamplingParams(max_new_tokens=6 + i % 3, ignore_eos=True))
+            for i in range(12)]
+
+
+def run(engine: LLMEngine) -> dict[str, list[int]]:
+    out = {}
+    for r in requests():
+        engine.add(engine.make_sequence(r))
+        out[r.request_id] = []
+    while engine.has_work():
+        for o in engine.step():
+            out[o.request_id] += o.token_ids
+        if engine.prefetcher is not None:
+            assert engine.prefetcher.wait_idle()  # deterministic: each step's prefetches land before the next
+    return out
+
+
+def test_queued_requests_adapters_are_prefetched_and_outputs_do_not_change(root):
+    """--max-loras 2 over six adapters with a pool of four: while two adapters run, the next ones in the queue
+    go into the free pages; their requests are then admitted without a copy in the engine thread."""
+    off, on = make_engine(root, prefetch=False), make_engine(root, prefetch=True)
+    want = run(off)
+    got = run(on)
+    assert got == want and all(len(v) >= 6 for v in got.values())
+    alone = {r.request_id: run_alone(root, r) for r in requests()[:4]}
+    assert all(got[k] == v for k, v in alone.items())
+    assert off.adapters.num_prefetched == 0 and off.adapters.observer.at_admission >= len(NAMES)
+    assert on.adapters.num_prefetched >= len(NAMES) - 2  # all but the first two were staged ahead
+    assert on.adapters.observer.at_admission <= 2
+    for e in (off, on):
+        assert e.blocks.allocator.num_used == 0
+        assert all(x.refs == 0 and x.pins == 0 and not x.staging for x in e.adapters.entries.values())
+    stats = on.adapters
+    assert stats.pool.num_used == sum(x.host.num_pages for x in stats.entries.values() if x.device is not None)
+
+
+def run_alone(root: Path, r: GenerateRequest) -> list[int]:
+    engine = LLMEngine(EngineConfig(adapter_root=str(root), device="cpu", quantize="none"),
+                       tiny_loaded(CharTokenizer(), scale=0.2))
+    engine.adapters.load(r.adapter_id)
+    engine.add(engine.make_sequence(r))
+    out = []
+    while engine.has_work():
+        for o in engine.step():
+            out += o.token_ids
+    return out
+
+
+@pytest.mark.parametrize("how", ["unload", "host-drop"])
+def test_an_adapter_unloaded_or_dropped_while_it_is_copied_gives_its_pages_back(root, monkeypatch, how):
+    """The copy is held mid-way; meanwhile the adapter is unloaded (or dropped from host memory). When the copy
+    ends, its pages return to the pool, it is not resident, and the id serves again after a reload."""
+    engine = make_engine(root, prefetch=True)
+    mgr = engine.adapters
+    entered, go = threading.Event(), threading.Event()
+    real_place = manager_module.place
+
+    def slow_place(*a, **kw):
+        entered.set()
+        assert go.wait(10)
+        return real_place(*a, **kw)
+
+    monkeypatch.setattr(manager_module, "place", slow_place)
+    entry = mgr.get(NAMES[3])
+    t = threading.Thread(target=mgr.prefetch, args=(entry,))
+    t.start()
+    assert entered.wait(10)
+    assert entry.staging and mgr.pool.num_used == entry.host.num_pages
+    assert not mgr.make_resident(NAMES[3])  # not resident until the copy is done
+    if how == "unload":
+        mgr.unload(NAMES[3])
+    else:
+        with mgr._lock:
+            mgr._make_host_room("other", mgr.host_limit, None)  # a new adapter wants all of host memory
+        assert entry.host is None
+    go.set()
+    t.join(10)
+    assert mgr.pool.num_used == 0 and entry.device is None and not entry.staging
+    monkeypatch.setattr(manager_module, "place", real_place)
+    mgr.load(NAMES[3])
+    got = run_requests(engine, [GenerateRequest(prompt_token_ids=[4, 17, 5], adapter_id=NAMES[3], request_id="x",
+                                                sampling=SamplingParams(max_new_tokens=6, ignore_eos=True))])
+    assert got["x"] == run_alone(root, GenerateRequest(prompt_token_ids=[4, 17, 5], adapter_id=NAMES[3],
+                                                       request_id="x",
+                                                       sampling=SamplingParams(max_new_tokens=6, ignore_eos=True)))
+
+
+def run_requests(engine: LLMEngine, reqs) -> dict[str, list[int]]:
+    out = {}
+    for r in reqs:
+        engine.add(engine.make_sequence(r))
+        out[r.request_id] = []
+    while engine.has_work():
+        for o in engine.step():
+            out[o.request_id] += o.token_ids
+    return out
+
+
+def test_prefetch_never_evicts_what_a_request_holds(root):
+    """A pool of two adapters, both held by queued or running requests: the prefetcher has no room and takes
+    none (the engine's own admission path still serves everything)."""
+    engine = make_engine(root, prefetch=True, pool_adapters=2, max_loras=1)
+    reqs = [GenerateRequest(prompt_token_ids=[3, 4, 5], adapter_id=NAMES[i], request_id=f"p{i}",
+                            sampling=SamplingParams(max_new_tokens=5, ignore_eos=True)) for i in range(3)]
+    for r in reqs:
+        engine.add(engine.make_sequence(r))
+    engine.step()  # p0 runs (pinned); p1 and p2 wait: p1 is prefetched into the one free slot
+    assert engine.prefetcher.wait_idle()
+    mgr = engine.adapters
+    held = {n for n in NAMES[:3] if mgr.get(n).device is not None}
+    assert held == {NAMES[0], NAMES[1]} and mgr.num_prefetched == 1
+    engine.step()
+    assert engine.prefetcher.wait_idle()
+    assert mgr.get(NAMES[1]).device is not None  # p2's prefetch could not evict p1's adapter
+    while engine.has_work():
+        engine.step()
+    assert all(x.refs == 0 and x.pins == 0 for x in mgr.entries.values())
+    assert CFG.num_hidden_layers == 2  # (the tiny model: every adapter is the same size)
