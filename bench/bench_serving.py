@@ -92,7 +92,9 @@ def popularity(names: list[str], spec: str, n: int, rnd: random.Random) -> list[
         s = float(spec.split(":", 1)[1])
         weights = [1.0 / (k + 1) ** s for k in range(len(names))]
         return rnd.choices(names, weights=weights, k=n)
-    raise SystemExit(f"--popularity must be uniform or zipf:S, got {spec!r}")
+    if spec == "cycle":  # request i gets adapter i mod N: N requests = N distinct adapters
+        return [names[i % len(names)] for i in range(n)]
+    raise SystemExit(f"--popularity must be uniform, zipf:S or cycle, got {spec!r}")
 
 
 def workload(args, names: list[str]) -> list[Job]:
@@ -338,7 +340,7 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=None, help="instead of --num-requests: rate x duration")
     ap.add_argument("--max-concurrency", type=int, default=None, help="cap on requests in flight")
     ap.add_argument("--num-adapters", type=int, default=5)
-    ap.add_argument("--popularity", default="uniform", help="uniform | zipf:S")
+    ap.add_argument("--popularity", default="uniform", help="uniform | zipf:S | cycle")
     ap.add_argument("--ranks", default="8,16,32,64")
     ap.add_argument("--target-modules", default="q_proj,k_proj,v_proj,o_proj")
     ap.add_argument("--adapter-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
@@ -356,7 +358,8 @@ def main() -> None:
                     help="also start vLLM CPU (bench/.venv-vllm) on the same model and adapters, and run Tessera and "
                     "it in --rounds interleaved rounds (implies --start-server)")
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--peer-args", default="--max-loras 32 --max-cpu-loras 128 --max-num-seqs 64",
+    ap.add_argument("--peer-args", default="--max-loras 32 --max-cpu-loras 128 --max-num-seqs 64 --max-model-len 2048 "
+                    "--gpu-memory-utilization 0.35",
                     help="vLLM's own arguments (one string)")
     ap.add_argument("--peer-log", action="store_true", help="show vLLM's output")
     args = ap.parse_args()
@@ -444,7 +447,8 @@ def start_vllm(args, names: list[str]) -> tuple[subprocess.Popen, str]:
     cmd = [str(py), "-m", "vllm.entrypoints.openai.api_server", "--model", str(hf_smollm2_dir()),
            "--served-model-name", args.model_name, "--port", str(port), "--enable-lora", "--max-lora-rank",
            str(max_rank), *shlex.split(args.peer_args)]
-    env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}
+    # on the CPU, --gpu-memory-utilization is the share of host memory vLLM reserves
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1", **os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}
     print("starting the peer:", " ".join(cmd), flush=True)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL if not args.peer_log else None)
     deadline = time.time() + 900

@@ -135,6 +135,11 @@ class AdapterManager:
         e = self.get(adapter_id)
         return e is None or e.host is None
 
+    def needs_pages(self, adapter_id: str) -> bool:
+        """In host memory, needs device pages, has none and is not being copied in."""
+        e = self.get(adapter_id)
+        return e is not None and e.host is not None and e.family.uses_pool and e.device is None and not e.staging
+
     def load(self, adapter_id: str, path: Path | None = None, *, hold: bool = False) -> AdapterEntry:
         """Disk -> host tier (blocking: call from a worker thread). Explicit path = admin LoadAdapter.
 

@@ -144,13 +144,14 @@ class AsyncEngine:
 
     async def _admit(self, request: GenerateRequest):
         """Load the request's adapter if it is not in memory (a disk read, in a worker thread: other requests
-        keep running), then tokenize. When host memory is full of adapters that other requests hold, the
+        keep running) and stage it into free device pages (prefetch), then tokenize. When host memory is full of adapters that other requests hold, the
         request waits for them to finish (up to ADAPTER_WAIT_S) instead of failing: an adapter that exists
         on disk is served however many adapters there are."""
         delay, waited = 0.02, 0.0
         while True:
             try:
-                if request.adapter_id and self.engine.adapter_needs_load(request.adapter_id):
+                if request.adapter_id and (self.engine.adapter_needs_load(request.adapter_id)
+                                           or self.engine.adapter_needs_pages(request.adapter_id)):
                     await asyncio.to_thread(self.engine.load_adapter_for_request, request.adapter_id)
                 return await self._prepare(request)
             except AdapterLoadError as exc:

@@ -187,11 +187,19 @@ class LLMEngine:
         """A request for this id must first read it from disk (unknown, or dropped from memory)."""
         return self.adapters.needs_load(adapter_id)
 
+    def adapter_needs_pages(self, adapter_id: str) -> bool:
+        """A LoRA adapter in host memory but not in the device pool: stage it before queueing its request."""
+        return self.prefetcher is not None and self.adapters.needs_pages(adapter_id)
+
     def load_adapter_for_request(self, adapter_id: str) -> None:
-        """On-demand load under --adapter-root (registered adapters dropped to disk reload either way)."""
+        """On-demand load under --adapter-root (registered adapters dropped to disk reload either way), then (with
+        prefetch on) into free device pages, in the caller's worker thread: its request's admission then copies
+        nothing in the engine thread."""
         if not self.cfg.load_adapters_on_demand and self.adapters.get(adapter_id) is None:
             raise AdapterNotFoundError(f"adapter {adapter_id!r} is not loaded (on-demand loading is off)")
-        self.adapters.load(adapter_id)
+        entry = self.adapters.load(adapter_id)
+        if self.prefetcher is not None:
+            self.adapters.prefetch(entry)
 
     def load_adapter(self, adapter_id: str, path: str | None = None) -> dict:
         """Admin load (from an explicit path, or from --adapter-root) -> its ListAdapters entry."""
