@@ -173,3 +173,29 @@ def test_prefetch_never_evicts_what_a_request_holds(root):
         engine.step()
     assert all(x.refs == 0 and x.pins == 0 for x in mgr.entries.values())
     assert CFG.num_hidden_layers == 2  # (the tiny model: every adapter is the same size)
+
+
+
+def test_an_on_demand_load_stages_the_adapter_in_its_worker_thread(root):
+    """Through the async engine: a request for an adapter not yet loaded reads it in a worker thread and puts it
+    into device pages there (no copy at admission, in the engine thread), and streams the engine's tokens."""
+    import asyncio
+
+    from server.engine.async_engine import AsyncEngine
+
+    engine = LLMEngine(EngineConfig(adapter_root=str(root), device="cpu", quantize="none"),
+                       tiny_loaded(CharTokenizer(), scale=0.2))
+    engine.adapters.observer = Copies()
+    r = GenerateRequest(prompt_token_ids=[5, 17, 9], adapter_id=NAMES[2], request_id="od",
+                        sampling=SamplingParams(max_new_tokens=6, ignore_eos=True))
+
+    async def main():
+        ae = AsyncEngine(engine)
+        await ae.start()
+        try:
+            return [t async for o in ae.generate(r) for t in o.token_ids]
+        finally:
+            await ae.shutdown()
+
+    assert asyncio.run(main()) == run_alone(root, r)
+    assert engine.adapters.num_prefetched == 1 and engine.adapters.observer.at_admission == 0

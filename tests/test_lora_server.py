@@ -99,6 +99,9 @@ def test_mixed_adapters_concurrently_equal_peft(server):
     m = server.metrics()
     assert m['tessera_adapters_resident{tier="device"}'] == len(NAMES)
     assert m['tessera_adapter_load_seconds_count{source="disk"}'] == len(NAMES)
+    # each on-demand read was staged into device pages in its loader thread: no copy at admission (issue 19)
+    assert m["tessera_adapter_prefetches_total"] == len(NAMES)
+    assert m.get('tessera_adapter_load_seconds_count{source="host"}', 0) == 0
     assert m["tessera_adapter_pool_pages_used"] > 0
 
 
@@ -173,33 +176,3 @@ def test_load_explicit_path_and_unload(server, adapters, tmp_path):
         server.stub.UnloadAdapter(pb.UnloadAdapterRequest(adapter_id="custom/regex"), metadata=ADMIN)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
-
-@pytest.fixture(scope="module")
-def tight(tmp_path_factory, adapters):
-    """One adapter per batch (--max-loras 1): requests for other adapters queue behind it."""
-    srv = ServerProcess(tmp_path_factory.mktemp("tight"), "--adapter-root", str(adapters), "--max-loras", "1",
-                        "--admin-token", "adm")
-    yield srv
-    assert srv.stop() == 0
-
-
-def test_queued_adapters_are_prefetched_and_stay_peft_exact(tight):
-    """Issue 19: while one adapter's request runs, the prefetch thread copies the next queued requests' adapters
-    into the device pool (tessera_adapter_prefetches_total counts them); every stream equals PEFT."""
-    from transformers import AutoTokenizer
-
-    from tests.oracle import hf_smollm2_dir
-    ids = tuple(AutoTokenizer.from_pretrained(hf_smollm2_dir())(PROMPT).input_ids)
-    names = ["r4-qv", "r8-all-linear", "regex-r6", "dora-r8"]
-    for n in names:  # in host memory first: the test is about the device pool, not disk reads
-        tight.stub.LoadAdapter(pb.LoadAdapterRequest(adapter_id=n), metadata=ADMIN)
-    before = tight.metrics()
-    with ThreadPoolExecutor(len(names)) as ex:
-        results = list(ex.map(lambda n: gen(tight.stub, n), names))
-    for name, (tokens, _) in zip(names, results):
-        assert tokens == peft_greedy(name, ids, N_NEW), name
-    m = tight.metrics()
-    assert m["tessera_adapter_prefetches_total"] - before["tessera_adapter_prefetches_total"] >= 1
-    # the default pool holds them all: nothing was evicted to make room
-    assert m["tessera_adapter_pool_evictions_total"] == before["tessera_adapter_pool_evictions_total"]
-    assert m["tessera_adapter_pool_pages_used"] > 0

@@ -169,6 +169,8 @@ def test_max_loras_bounds_lora_adapters_only(root):
         out.setdefault(o.request_id, []).extend(o.token_ids)
     running = {s.adapter_id for s in engine.scheduler.running}
     assert running == {"r8-all-linear", "prefix", "ia3"}  # dora-r8 waits for the LoRA slot
+    assert engine.prefetcher.wait_idle()  # meanwhile the prefetch thread puts it into device pages
+    assert engine.adapters.get("dora-r8").device is not None and engine.adapters.num_prefetched == 1
     while engine.has_work():
         for o in engine.step():
             out.setdefault(o.request_id, []).extend(o.token_ids)
