@@ -127,13 +127,13 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             seq = self.waiting[0]
             group = self.adapters.group(seq)
-            oldest = oldest_blocked.get(group) if group is not None else None
-            if oldest is not None and seq.adapter_id not in {s.adapter_id for s in self.running}:
-                if oldest.passed_over >= MAX_PASS_OVER or not self.adapters.resident(seq):
-                    # it would take an adapter slot or pages the older one waits for first
-                    blocked.append(self.waiting.popleft())
-                    continue
-                passed.add(oldest)  # counted if seq is admitted below
+            passing = oldest_blocked.get(group) if group is not None else None
+            if passing is not None and seq.adapter_id in {s.adapter_id for s in self.running}:
+                passing = None  # its adapter already runs: it takes nothing the older one waits for
+            if passing is not None and (passing.passed_over >= MAX_PASS_OVER or not self.adapters.resident(seq)):
+                # it would take an adapter slot or pages the older one waits for first
+                blocked.append(self.waiting.popleft())
+                continue
             try:
                 ready = self.adapters.admit(seq, self.running)
             except Exception as exc:  # this request's adapter only: it fails, the queue goes on
@@ -144,7 +144,6 @@ class Scheduler:
                 blocked.append(self.waiting.popleft())
                 if group is not None:
                     oldest_blocked.setdefault(group, seq)
-                passed.discard(seq)
                 continue
             hits = self.blocks.find_cached(seq)  # leading blocks another request already computed
             n = min(seq.num_uncomputed - len(hits) * self.blocks.block_size, budget)
@@ -161,6 +160,8 @@ class Scheduler:
             self.running.append(seq)
             budget -= n
             picked.append((seq, n))
+            if passing is not None:
+                passed.add(passing)  # it went ahead of the older blocked one
 
         self.waiting.extendleft(reversed(blocked))
         for seq in passed:
