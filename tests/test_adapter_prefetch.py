@@ -199,3 +199,42 @@ def test_an_on_demand_load_stages_the_adapter_in_its_worker_thread(root):
 
     assert asyncio.run(main()) == run_alone(root, r)
     assert engine.adapters.num_prefetched == 1 and engine.adapters.observer.at_admission == 0
+
+
+def test_under_tier_pressure_no_running_request_misses_a_step(root):
+    """Six adapters through a pool of two, --max-loras 2, requests arriving at random steps, prefetch on: every
+    step, every request that was decoding before it gets its next token (nothing waits on loads or copies), and
+    every request ends with the tokens it gets alone."""
+    import random
+
+    engine = make_engine(root, prefetch=True, pool_adapters=2, max_loras=2)
+    rnd = random.Random(5)
+    pending = [GenerateRequest(prompt_token_ids=[rnd.randrange(3, 60) for _ in range(rnd.randrange(2, 6))],
+                               adapter_id=rnd.choice(NAMES), request_id=f"q{i}",
+                               sampling=SamplingParams(max_new_tokens=rnd.randrange(3, 8), ignore_eos=True))
+               for i in range(16)]
+    alone = LLMEngine(EngineConfig(adapter_root=str(root), device="cpu", quantize="none"),
+                      tiny_loaded(CharTokenizer(), scale=0.2))
+    for name in NAMES:
+        alone.adapters.load(name)
+    want = {}
+    for r in pending:  # one at a time
+        want.update(run_requests(alone, [r]))
+    out = {r.request_id: [] for r in pending}
+    queue, steps, checked = list(pending), 0, 0
+    while queue or engine.has_work():
+        while queue and rnd.random() < 0.4:
+            engine.add(engine.make_sequence(queue.pop(0)))
+        decoding = {s.request_id: s.num_generated for s in engine.scheduler.running
+                    if s.num_uncomputed == 1 and not s.finished}
+        for o in engine.step():
+            out[o.request_id] += o.token_ids
+        steps += 1
+        for rid, before in decoding.items():
+            seq = engine.requests.get(rid)
+            assert seq is None or seq.num_generated == before + 1, (rid, steps)  # finished, or one token further
+            checked += 1
+        assert steps < 500
+    assert out == want and checked > 30
+    assert engine.adapters.num_evictions > 0  # the pool really was too small for all of them
+    assert all(x.refs == 0 and x.pins == 0 and not x.staging for x in engine.adapters.entries.values())
