@@ -71,6 +71,11 @@ class AdapterEntry:
     last_used: float = field(default_factory=time.monotonic)
 
     @property
+    def wants_pages(self) -> bool:
+        """In host memory, needs device pages, has none and is not being copied in (make_resident, prefetch)."""
+        return self.host is not None and self.family.uses_pool and self.device is None and not self.staging
+
+    @property
     def residency(self) -> str:
         return "device" if self.device is not None else ("host" if self.host is not None else "disk")
 
@@ -138,7 +143,7 @@ class AdapterManager:
     def needs_pages(self, adapter_id: str) -> bool:
         """In host memory, needs device pages, has none and is not being copied in."""
         e = self.get(adapter_id)
-        return e is not None and e.host is not None and e.family.uses_pool and e.device is None and not e.staging
+        return e is not None and e.wants_pages
 
     def load(self, adapter_id: str, path: Path | None = None, *, hold: bool = False) -> AdapterEntry:
         """Disk -> host tier (blocking: call from a worker thread). Explicit path = admin LoadAdapter.
@@ -306,12 +311,8 @@ class AdapterManager:
                 return False
             t0 = time.perf_counter()
             need = e.host.num_pages
-            while self.pool.num_free < need:
-                victims = [v for v in self.entries.values() if v.device is not None and v.pins == 0 and v is not e]
-                if not victims:
-                    return False
-                # adapters no request waits for go first, then the least recently used
-                self._evict(min(victims, key=lambda v: (v.refs > 0, v.last_used)))
+            if not self._pool_room(need, keep=e, evict_held=True):
+                return False
             try:
                 pages = self.pool.allocate(need)
             except PoolFullError:
@@ -330,16 +331,11 @@ class AdapterManager:
         `staging` during the copy (not resident: make_resident waits for it); if it is unloaded or dropped from
         memory meanwhile, its pages go back to the pool. -> True if it is resident now."""
         with self._lock:
-            if (e.host is None or e.device is not None or e.staging or not e.family.uses_pool or e.unloading
-                    or self.entries.get(e.adapter_id) is not e):
+            if not e.wants_pages or e.unloading or self.entries.get(e.adapter_id) is not e:
                 return False
             need = e.host.num_pages
-            while self.pool.num_free < need:
-                victims = [v for v in self.entries.values()
-                           if v.device is not None and v.pins == 0 and v.refs == 0]
-                if not victims:
-                    return False
-                self._evict(min(victims, key=lambda v: v.last_used))
+            if not self._pool_room(need, keep=e, evict_held=False):
+                return False
             pages = self.pool.allocate(need)
             e.staging, host = True, e.host
         t0 = time.perf_counter()
@@ -383,6 +379,18 @@ class AdapterManager:
         return self.entries[adapter_id].host
 
     # -- internals ---------------------------------------------------------------------------------
+    def _pool_room(self, need: int, keep: AdapterEntry, evict_held: bool) -> bool:
+        """Free pages for `need` by evicting unpinned device-resident adapters other than `keep`: those no request
+        waits for first, then the least recently used; evict_held False spares adapters queued requests hold
+        (a prefetch never takes what a request needs). False if there is not enough room even then."""
+        while self.pool.num_free < need:
+            victims = [v for v in self.entries.values() if v.device is not None and v.pins == 0 and v is not keep
+                       and (evict_held or v.refs == 0)]
+            if not victims:
+                return False
+            self._evict(min(victims, key=lambda v: (v.refs > 0, v.last_used)))
+        return True
+
     def _evict(self, e: AdapterEntry) -> None:
         self.pool.free(e.pages)
         e.pages, e.device = None, None

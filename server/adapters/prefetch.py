@@ -34,7 +34,7 @@ class Prefetcher:
             if len(wanted) >= self.depth:
                 break
             h = seq.adapter
-            if h is not None and h.kind.uses_pool and h.entry.device is None and not h.entry.staging:
+            if h is not None and h.entry.wants_pages:
                 wanted[id(h.entry)] = h.entry
         with self._cond:
             if not wanted and not self._wanted:

@@ -144,9 +144,9 @@ class AsyncEngine:
 
     async def _admit(self, request: GenerateRequest):
         """Load the request's adapter if it is not in memory (a disk read, in a worker thread: other requests
-        keep running) and stage it into free device pages (prefetch), then tokenize. When host memory is full of adapters that other requests hold, the
-        request waits for them to finish (up to ADAPTER_WAIT_S) instead of failing: an adapter that exists
-        on disk is served however many adapters there are."""
+        keep running) and stage it into free device pages (prefetch), then tokenize. When host memory is full
+        of adapters that other requests hold, the request waits for them to finish (up to ADAPTER_WAIT_S)
+        instead of failing: an adapter that exists on disk is served however many adapters there are."""
         delay, waited = 0.02, 0.0
         while True:
             try:
