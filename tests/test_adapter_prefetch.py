@@ -14,7 +14,7 @@ from server.adapters import manager as manager_module
 from server.config import EngineConfig
 from server.engine.engine import LLMEngine
 from server.engine.request import GenerateRequest, SamplingParams
-from tests.tiny_models import CFG, CharTokenizer, lora, tiny_loaded
+from tests.tiny_models import CFG, CharTokenizer, lora, run_waves, tiny_loaded
 
 NAMES = [f"lora-{i}" for i in range(6)]
 
@@ -60,16 +60,9 @@ def requests() -> list[GenerateRequest]:
 
 
 def run(engine: LLMEngine) -> dict[str, list[int]]:
-    out = {}
-    for r in requests():
-        engine.add(engine.make_sequence(r))
-        out[r.request_id] = []
-    while engine.has_work():
-        for o in engine.step():
-            out[o.request_id] += o.token_ids
-        if engine.prefetcher is not None:
-            assert engine.prefetcher.wait_idle()  # deterministic: each step's prefetches land before the next
-    return out
+    def settle(e: LLMEngine) -> None:  # deterministic: each step's prefetches land before the next
+        assert e.prefetcher is None or e.prefetcher.wait_idle()
+    return run_waves(engine, [requests()], check=settle)
 
 
 def test_queued_requests_adapters_are_prefetched_and_outputs_do_not_change(root):
@@ -95,12 +88,7 @@ def run_alone(root: Path, r: GenerateRequest) -> list[int]:
     engine = LLMEngine(EngineConfig(adapter_root=str(root), device="cpu", quantize="none"),
                        tiny_loaded(CharTokenizer(), scale=0.2))
     engine.adapters.load(r.adapter_id)
-    engine.add(engine.make_sequence(r))
-    out = []
-    while engine.has_work():
-        for o in engine.step():
-            out += o.token_ids
-    return out
+    return run_waves(engine, [[r]])[r.request_id]
 
 
 @pytest.mark.parametrize("how", ["unload", "host-drop"])
@@ -135,22 +123,11 @@ def test_an_adapter_unloaded_or_dropped_while_it_is_copied_gives_its_pages_back(
     assert mgr.pool.num_used == 0 and entry.device is None and not entry.staging
     monkeypatch.setattr(manager_module, "place", real_place)
     mgr.load(NAMES[3])
-    got = run_requests(engine, [GenerateRequest(prompt_token_ids=[4, 17, 5], adapter_id=NAMES[3], request_id="x",
-                                                sampling=SamplingParams(max_new_tokens=6, ignore_eos=True))])
+    got = run_waves(engine, [[GenerateRequest(prompt_token_ids=[4, 17, 5], adapter_id=NAMES[3], request_id="x",
+                                                sampling=SamplingParams(max_new_tokens=6, ignore_eos=True))]])
     assert got["x"] == run_alone(root, GenerateRequest(prompt_token_ids=[4, 17, 5], adapter_id=NAMES[3],
                                                        request_id="x",
                                                        sampling=SamplingParams(max_new_tokens=6, ignore_eos=True)))
-
-
-def run_requests(engine: LLMEngine, reqs) -> dict[str, list[int]]:
-    out = {}
-    for r in reqs:
-        engine.add(engine.make_sequence(r))
-        out[r.request_id] = []
-    while engine.has_work():
-        for o in engine.step():
-            out[o.request_id] += o.token_ids
-    return out
 
 
 def test_prefetch_never_evicts_what_a_request_holds(root):
@@ -219,7 +196,7 @@ def test_under_tier_pressure_no_running_request_misses_a_step(root):
         alone.adapters.load(name)
     want = {}
     for r in pending:  # one at a time
-        want.update(run_requests(alone, [r]))
+        want.update(run_waves(alone, [[r]]))
     out = {r.request_id: [] for r in pending}
     queue, steps, checked = list(pending), 0, 0
     while queue or engine.has_work():

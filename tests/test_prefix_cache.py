@@ -14,6 +14,7 @@ from server.config import EngineConfig
 from server.engine.engine import LLMEngine
 from server.engine.request import GenerateRequest, SamplingParams
 from tests.tiny_models import ALL_LINEAR, CFG, CharTokenizer, adaption, ia3, lora, prompt, tiny_loaded
+from tests.tiny_models import run_waves as run
 
 BLOCK = 4
 BYTES_PER_BLOCK = CFG.num_hidden_layers * 2 * BLOCK * CFG.num_key_value_heads * CFG.head_dim * 4  # fp32
@@ -50,21 +51,6 @@ SYSTEM = [(7 * i + 3) % 60 + 3 for i in range(23)]  # a shared "system prompt" o
 def req(rid: str, ids: list[int], adapter: str | None, n: int = 6, task: int | None = None) -> GenerateRequest:
     return GenerateRequest(prompt_token_ids=ids, adapter_id=adapter, task_id=task, request_id=rid,
                            sampling=SamplingParams(max_new_tokens=n, ignore_eos=True))
-
-
-def run(engine: LLMEngine, waves: list[list[GenerateRequest]], check=None) -> dict[str, list[int]]:
-    """Each wave is added once the previous one finished -> request id -> generated token ids."""
-    out: dict[str, list[int]] = {}
-    for wave in waves:
-        for r in wave:
-            engine.add(engine.make_sequence(r))
-            out[r.request_id] = []
-        while engine.has_work():
-            for o in engine.step():
-                out[o.request_id] += o.token_ids
-            if check:
-                check(engine)
-    return out
 
 
 def mixed_waves() -> list[list[GenerateRequest]]:

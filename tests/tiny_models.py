@@ -75,3 +75,19 @@ def adaption(path: Path, **config) -> Path:
     cfg = {"peft_type": "ADAPTION_PROMPT", "task_type": "CAUSAL_LM", "adapter_len": 3, "adapter_layers": 1,
            "target_modules": "self_attn"}
     return save_adapter(path, {**cfg, **config}, tensors)
+
+
+def run_waves(engine, waves: list, check=None) -> dict[str, list[int]]:
+    """Each wave of GenerateRequests is added once the previous one finished; `check(engine)` after every step
+    -> request id -> generated token ids."""
+    out: dict[str, list[int]] = {}
+    for wave in waves:
+        for r in wave:
+            engine.add(engine.make_sequence(r))
+            out[r.request_id] = []
+        while engine.has_work():
+            for o in engine.step():
+                out[o.request_id] += o.token_ids
+            if check:
+                check(engine)
+    return out
