@@ -130,14 +130,14 @@ async def serve(engine_cfg: EngineConfig, cfg: ServerConfig) -> None:
         await http.start()
         log.info("OpenAI-compatible API on http://%s:%d/v1 (model %r)", cfg.host, http_sock.getsockname()[1],
                  frontend.served_model_name)
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("serving %s on %s:%d (%s)", engine.model_config.name, cfg.host, port, "TLS" if creds else "plaintext")
-
+    # the drain handlers go in before SERVING: a SIGTERM right after readiness (an orchestrator, a test) drains
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("serving %s on %s:%d (%s)", engine.model_config.name, cfg.host, port, "TLS" if creds else "plaintext")
     await stop.wait()
 
     log.info("draining: NOT_SERVING, refusing new calls, %d streams get up to %.0fs to finish",
