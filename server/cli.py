@@ -43,8 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
 
     e = ap.add_argument_group("engine")
-    e.add_argument("--kv-cache-memory", type=parse_bytes, default=256 << 20,
-                   help="bytes of KV cache (e.g. 256MiB, 2G); sets how many tokens can be resident")
+    e.add_argument("--kv-cache-memory", type=parse_bytes, default=None,
+                   help="bytes of KV cache (e.g. 256MiB, 2G; default 256MiB); sets how many tokens can be resident. "
+                   "With --memory-budget: the most the cache's share may grow to (default: the whole budget)")
+    e.add_argument("--memory-budget", type=parse_bytes, default=None,
+                   help="bytes of device memory shared by the KV cache and the LoRA adapter pool, split by the load "
+                   "(S-LoRA's unified paging): idle KV blocks hold adapter pages and come back when sequences need "
+                   "them; --kv-cache-memory and --adapter-memory bound each share (default: two fixed pools)")
     e.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
     e.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="automatic prefix caching: a request starts on the KV blocks another request with the same "
@@ -92,8 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "HTTP API's /v1 routes as `Authorization: Bearer` (default: $TESSERA_API_KEY)")
     a.add_argument("--adapter-root", type=Path, default=None,
                    help="directory whose subdirectories are adapters, addressed by their relative path")
-    a.add_argument("--adapter-memory", type=parse_bytes, default=512 << 20,
-                   help="bytes of the device adapter pool (paged; e.g. 512MiB, 2G)")
+    a.add_argument("--adapter-memory", type=parse_bytes, default=None,
+                   help="bytes of the device adapter pool (paged; e.g. 512MiB, 2G; default 512MiB). With "
+                   "--memory-budget: the most the pool's share may grow to (default: the whole budget)")
     a.add_argument("--adapter-host-memory", type=parse_bytes, default=4 << 30,
                    help="bytes of adapters kept in host memory (LRU); it covers the device-resident ones too "
                    "(each keeps its host copy), so make it at least --adapter-memory")
@@ -131,6 +137,7 @@ def configs(args: argparse.Namespace):
             raise SystemExit(f"{f}: no such file")
     engine = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, quantize=args.quantize,
                           quant_group_size=args.quant_group_size, kv_cache_memory=args.kv_cache_memory,
+                          memory_budget=args.memory_budget,
                           block_size=args.block_size, max_num_seqs=args.max_num_seqs,
                           max_num_batched_tokens=args.max_num_batched_tokens, max_queue=args.max_queue,
                           max_model_len=args.max_model_len, max_prompt_chars=args.max_prompt_chars,

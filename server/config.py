@@ -20,7 +20,11 @@ class EngineConfig:
     model: str | None = None  # HF dir or .gguf file; None = the embedded SmolLM2
     device: str = "auto"  # "auto" = cuda when available, else cpu
     dtype: str = "auto"  # "auto" = float32 on cpu, bfloat16 on cuda
-    kv_cache_memory: int = 256 << 20  # bytes of KV cache
+    # bytes of KV cache; with memory_budget, the most the cache's share may grow to (None: 256 MiB / the budget)
+    kv_cache_memory: int | None = None
+    # bytes shared by the KV cache and the adapter pool, split by the load (S-LoRA's unified paging);
+    # None = two fixed pools of kv_cache_memory and adapter_memory
+    memory_budget: int | None = None
     block_size: int = 16  # tokens per KV block
     max_num_seqs: int = 64  # running sequences per step
     max_num_batched_tokens: int = 2048  # token budget per step (prefill chunks + decodes), vLLM's online default
@@ -33,7 +37,8 @@ class EngineConfig:
     quant_group_size: int = 128  # int4 groups along the input dimension (32, 64 or 128)
     # adapters
     adapter_root: str | None = None  # directory whose subdirectories are adapters (ids = relative paths)
-    adapter_memory: int = 512 << 20  # bytes of the device adapter pool
+    # bytes of the device adapter pool; with memory_budget, the most its share may grow to (None: 512 MiB / the budget)
+    adapter_memory: int | None = None
     adapter_host_memory: int = 4 << 30  # bytes of adapters kept in host memory (LRU)
     max_lora_rank: int = 64
     lora_dtype: str = "auto"  # dtype of the adapter pool: auto = the model's dtype (bfloat16 halves its bytes)
@@ -59,9 +64,9 @@ class EngineConfig:
             problems.append(f"quant_group_size must be 32, 64 or 128, got {self.quant_group_size}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             problems.append(f"block_size must be a power of two, got {self.block_size}")
-        for name in ("kv_cache_memory", "max_num_seqs", "adapter_memory", "max_lora_rank", "max_loras", "max_num_batched_tokens", "max_queue",
-                     "default_max_new_tokens"):
-            if getattr(self, name) < 1:
+        for name in ("kv_cache_memory", "memory_budget", "max_num_seqs", "adapter_memory", "max_lora_rank", "max_loras",
+                     "max_num_batched_tokens", "max_queue", "default_max_new_tokens"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 < self.adapter_kv_fraction <= 1:
             problems.append(f"adapter_kv_fraction must be in (0, 1], got {self.adapter_kv_fraction}")
@@ -71,6 +76,16 @@ class EngineConfig:
             problems.append(f"max_model_len must be >= 2, got {self.max_model_len}")
         if problems:
             raise ValueError("; ".join(problems))
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        """The KV cache's bytes (with one memory budget: the most its share may take)."""
+        return self.kv_cache_memory or self.memory_budget or 256 << 20
+
+    @property
+    def adapter_pool_bytes(self) -> int:
+        """The device adapter pool's bytes (with one memory budget: the most its share may take)."""
+        return self.adapter_memory or self.memory_budget or 512 << 20
 
     @property
     def torch_device(self) -> torch.device:

@@ -72,7 +72,7 @@ def test_lora_dtype_bfloat16_from_the_cli_builds_a_bf16_pool_read_by_the_cpu_ker
     engine = smollm2.engine(cfg)
     pool = engine.adapters.pool
     assert pool.buffer.dtype == torch.bfloat16 and pool.num_pages * pool.page_size * 2 == pool.nbytes
-    assert pool.nbytes <= cfg.adapter_memory < pool.num_pages * pool.page_size * 4
+    assert pool.nbytes <= cfg.adapter_pool_bytes < pool.num_pages * pool.page_size * 4
     if lora_cpu.available():
         assert engine.runner.lora_batch.keywords["ops"] == (lora_cpu.cpu_lora_shrink, lora_cpu.cpu_lora_expand,
                                                             lora_cpu.cpu_lora_apply)

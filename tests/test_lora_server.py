@@ -1,5 +1,6 @@
 """Adapters through the real gRPC server: PEFT-made adapters requested concurrently in one mixed
-batch equal PEFT alone; bad adapters get clear status codes while other streams keep running."""
+batch equal PEFT alone (their pages in KV blocks lent by one --memory-budget); bad adapters get clear
+status codes while other streams keep running."""
 from __future__ import annotations
 
 import json
@@ -34,7 +35,9 @@ def server(tmp_path_factory, adapters):
     for name in NAMES:
         shutil.copytree(adapters / name, root / name)
     make_bad_adapters(adapters, root / "bad")
-    srv = ServerProcess(tmp_path_factory.mktemp("srv"), "--adapter-root", str(root), "--admin-token", "adm")
+    # one memory budget (issue 19): the adapters' pages are lent KV blocks, their tokens still PEFT's
+    srv = ServerProcess(tmp_path_factory.mktemp("srv"), "--adapter-root", str(root), "--admin-token", "adm",
+                        "--memory-budget", "320MiB")
     srv.root = root
     yield srv
     assert srv.stop() == 0

@@ -6,6 +6,7 @@ gives the same logits in the int4 server as in the trainer's own forward; resume
 loss curve; bad input fails fast with clear messages."""
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import subprocess
@@ -249,7 +250,7 @@ def test_qlora_what_was_trained_is_what_is_served(tmp_path):
 
 
 def test_resume_continues_the_same_loss_curve(tmp_path):
-    kw = dict(max_steps=4, save_steps=2, per_device_train_batch_size=4, lora_dropout=0.1, learning_rate=1e-3,
+    kw = dict(max_steps=4, save_steps=2, per_device_train_batch_size=2, lora_dropout=0.1, learning_rate=1e-3,
               eval_steps=100, validation_file=None)  # the training losses are what is compared
     full = train(_cfg("lora", tmp_path / "full", **kw))
     assert (tmp_path / "full" / "checkpoint-2" / "trainer_params.safetensors").exists()
@@ -267,22 +268,37 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
                           timeout=120)
 
 
-def test_bad_input_fails_fast_with_clear_messages(tmp_path):
+def _cli_here(capsys, *args: str) -> subprocess.CompletedProcess:
+    """The same entry point in this process (no interpreter and torch start per call): exit code and output."""
+    from server.train.cli import main
+
+    capsys.readouterr()
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+
+def test_bad_input_fails_fast_with_clear_messages(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a"}\nnot json\n')
     common = ["--data", str(bad), "--output", str(tmp_path / "o")]
-    r = _cli("--method", "lora", *common)
+    r = _cli("--method", "lora", *common)  # the real process once: its exit code and stderr
     assert r.returncode == 2 and "bad.jsonl:2" in r.stderr and "bad.jsonl:3" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and "loaded" not in r.stderr  # failed before loading the model
-    r = _cli("--method", "ia3", *common)
+    here = functools.partial(_cli_here, capsys)  # the rest in this process
+    r = here("--method", "ia3", *common)
     assert r.returncode == 2 and "unknown --method 'ia3'" in r.stderr
-    r = _cli("--method", "prefix", "--use-dora", *common)
+    r = here("--method", "prefix", "--use-dora", *common)
     assert r.returncode == 2 and "--use-dora applies to --method lora/qlora" in r.stderr
-    r = _cli("--method", "lora", "--quantize", "int4", *common)
+    r = here("--method", "lora", "--quantize", "int4", *common)
     assert r.returncode == 2 and "use --method qlora" in r.stderr
-    r = _cli("--method", "prompt", "--prompt-tuning-init", "text", *common)
+    r = here("--method", "prompt", "--prompt-tuning-init", "text", *common)
     assert r.returncode == 2 and "--prompt-tuning-init-text" in r.stderr
-    h = _cli("--help")
+    h = here("--help")
     assert h.returncode == 0
     for flag in ("--learning-rate", "--num-train-epochs", "--max-steps", "--per-device-train-batch-size",
                  "--gradient-accumulation-steps", "--weight-decay", "--warmup-ratio", "--lr-scheduler-type",

@@ -58,9 +58,9 @@ class LoraKind(AdapterKind):
                 m.dora_g = m.dora_g.to(mgr.dtype)
         # pinned host memory on CUDA: fast, asynchronous copies into the pool
         packed = pack(adapter, mgr.model, mgr.pool.page_size, pin=mgr.device.type == "cuda", dtype=mgr.pool.buffer.dtype)
-        if packed.num_pages > mgr.pool.num_pages:
+        if packed.num_pages > mgr.pool.max_pages:
             raise AdapterLoadError("no_room", f"adapter {adapter_id!r} needs {packed.num_pages} pool pages "
-                                   f"({adapter.nbytes / 2**20:.1f} MiB) but the pool has {mgr.pool.num_pages}: "
+                                   f"({adapter.nbytes / 2**20:.1f} MiB) but the pool has {mgr.pool.max_pages}: "
                                    "raise --adapter-memory")
         return adapter, packed
 

@@ -97,7 +97,10 @@ def _size(nbytes: int, round_up: bool = False) -> str:
 
 class AdapterManager:
     def __init__(self, model, *, adapter_root: Path | None, device_memory: int, host_memory: int,
-                 max_lora_rank: int, load_on_demand: bool = True, lora_dtype: torch.dtype | None = None):
+                 max_lora_rank: int, load_on_demand: bool = True, lora_dtype: torch.dtype | None = None,
+                 shared: torch.Tensor | None = None, strip: int | None = None):
+        """shared: the KV cache, whose strips of `strip` elements the pool shares (one memory budget,
+        server/engine/memory.py); device_memory then bounds the pool's share instead of sizing it."""
         self.model = model
         self.cfg = model.config
         self.dtype, self.device = model.dtype, model.device
@@ -109,7 +112,14 @@ class AdapterManager:
         page = page_size_for([d for pair in dims.values() for d in pair])
         pool_dtype = lora_dtype or self.dtype  # LoRA pages; adapters load and pack in the model's dtype first
         elem = torch.empty(0, dtype=pool_dtype).element_size()
-        self.pool = PagePool(max(1, device_memory // (page * elem)), page, pool_dtype, self.device)
+        if shared is None:
+            self.pool = PagePool(max(1, device_memory // (page * elem)), page, pool_dtype, self.device)
+        else:  # pages must tile the KV cache's strips
+            page = math.gcd(page, strip)
+            self.pool = PagePool(shared.numel() // page, page, pool_dtype, self.device, shared=shared,
+                                 max_pages=device_memory // (page * elem))
+        # one memory budget: pages short -> lend that many from idle KV blocks (engine thread) -> pages granted
+        self.lend: Callable[[int], int] | None = None
         self.entries: dict[str, AdapterEntry] = {}
         self.observer: AdapterObserver | None = None
         self.num_evictions = 0
@@ -121,13 +131,20 @@ class AdapterManager:
         # Set by the engine once the KV cache exists: num_virtual_tokens -> why a prompt-learning adapter's
         # shared prefix can never fit the cache's adapter share (None: it fits). Checked at load.
         self.prompt_kv_refusal: Callable[[int], str | None] | None = None
-        log.info("adapter pool: %d pages of %d %s elements (%.1f MiB on %s), host tier %.1f MiB, max rank %d",
-                 self.pool.num_pages, page, str(pool_dtype).removeprefix("torch."), self.pool.nbytes / 2**20,
-                 self.device, host_memory / 2**20, max_lora_rank)
-        if host_memory < self.pool.nbytes:
+        max_bytes = self.pool.max_pages * page * elem
+        log.info("adapter pool: %s%d pages of %d %s elements (%.1f MiB on %s), host tier %.1f MiB, max rank %d",
+                 "up to " if shared is not None else "", self.pool.max_pages, page,
+                 str(pool_dtype).removeprefix("torch."), max_bytes / 2**20, self.device, host_memory / 2**20,
+                 max_lora_rank)
+        if host_memory < max_bytes and shared is None:
             log.warning("--adapter-host-memory (%.1f MiB) is below the device pool (%.1f MiB): the host tier counts "
                         "device-resident adapters too, so the pool cannot fill", host_memory / 2**20,
-                        self.pool.nbytes / 2**20)
+                        max_bytes / 2**20)
+
+    @property
+    def lock(self) -> threading.RLock:
+        """The registry's lock (the memory budget takes it to move pages between the pool and the KV cache)."""
+        return self._lock
 
     # -- registry (any thread) -------------------------------------------------------------------
     def get(self, adapter_id: str) -> AdapterEntry | None:
@@ -311,7 +328,7 @@ class AdapterManager:
                 return False
             t0 = time.perf_counter()
             need = e.host.num_pages
-            if not self._pool_room(need, keep=e, evict_held=True):
+            if not self._pool_room(need, keep=e, evict_held=True, lend=True):
                 return False
             try:
                 pages = self.pool.allocate(need)
@@ -337,7 +354,7 @@ class AdapterManager:
             if not self._pool_room(need, keep=e, evict_held=False):
                 return False
             pages = self.pool.allocate(need)
-            e.staging, host = True, e.host
+            e.staging, e.pages, host = True, pages, e.host
         t0 = time.perf_counter()
         resident = None
         try:
@@ -352,9 +369,9 @@ class AdapterManager:
                 e.staging = False
                 if resident is None or e.host is not host or self.entries.get(e.adapter_id) is not e:
                     self.pool.free(pages)  # failed, or unloaded / dropped while it was copied
-                    resident = None
+                    e.pages, resident = None, None
                 else:
-                    e.pages, e.device = pages, resident
+                    e.device = resident
                     self.num_prefetched += 1
         if resident is not None:
             log.debug("adapter %s prefetched into %d device pages in %.1f ms", e.adapter_id, need,
@@ -379,10 +396,25 @@ class AdapterManager:
         return self.entries[adapter_id].host
 
     # -- internals ---------------------------------------------------------------------------------
-    def _pool_room(self, need: int, keep: AdapterEntry, evict_held: bool) -> bool:
-        """Free pages for `need` by evicting unpinned device-resident adapters other than `keep`: those no request
-        waits for first, then the least recently used; evict_held False spares adapters queued requests hold
-        (a prefetch never takes what a request needs). False if there is not enough room even then."""
+    def grow_pool(self, need: int) -> None:
+        """Engine thread, one memory budget: lend idle KV blocks so `need` pages are free (for prefetches)."""
+        with self._lock:
+            if self.lend is not None and self.pool.num_free < need:
+                self.lend(need - self.pool.num_free)
+
+    def evict(self, e: AdapterEntry) -> None:
+        """Device pages back to the pool (the memory budget reclaiming a block); the host copy stays."""
+        with self._lock:
+            if e.device is not None and e.pins == 0:
+                self._evict(e)
+
+    def _pool_room(self, need: int, keep: AdapterEntry, evict_held: bool, lend: bool = False) -> bool:
+        """Free pages for `need`: with lend (the engine thread) first from idle KV blocks (one memory budget),
+        then by evicting unpinned device-resident adapters other than `keep`: those no request waits for first,
+        then the least recently used; evict_held False spares adapters queued requests hold (a prefetch never
+        takes what a request needs). False if there is not enough room even then."""
+        if lend and self.lend is not None and self.pool.num_free < need:
+            self.lend(need - self.pool.num_free)
         while self.pool.num_free < need:
             victims = [v for v in self.entries.values() if v.device is not None and v.pins == 0 and v is not keep
                        and (evict_held or v.refs == 0)]

@@ -6,6 +6,10 @@ adapter takes pages in proportion to its ranks and target modules: no padding to
 Any free pages serve any adapter. An adapter gets one contiguous run when one fits (then its
 tensors are plain views of the pool); otherwise it takes scattered pages and is read through its
 page tables.
+
+A pool may own its buffer outright (every page usable), or view a buffer it shares with the KV cache
+(server/engine/memory.py): then it starts with no pages and uses only those granted to it (`grant`),
+giving them back when they are free again (`revoke`).
 """
 from __future__ import annotations
 
@@ -32,18 +36,28 @@ class PagePool:
     """Pages of one device buffer, handed out from a sorted list of free runs [start, length): allocation
     and freeing cost O(number of runs), not O(pages), so a pool of millions of pages stays cheap."""
 
-    def __init__(self, num_pages: int, page_size: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, num_pages: int, page_size: int, dtype: torch.dtype, device: torch.device,
+                 shared: torch.Tensor | None = None, max_pages: int | None = None):
+        """shared: a contiguous buffer to view as [num_pages, page_size] pages of which none is usable until
+        granted; max_pages: the most pages it may be granted (the --adapter-memory bound)."""
         if num_pages < 1:
             raise ValueError(f"the adapter pool needs at least one page of {page_size} elements")
         self.page_size = page_size
-        self.num_pages = num_pages
-        self.buffer = torch.zeros(num_pages, page_size, dtype=dtype, device=device)  # [pages, page_size]
-        self._runs: list[list[int]] = [[0, num_pages]]  # free runs, sorted, disjoint and never adjacent
-        self._num_free = num_pages
+        self.num_pages = num_pages  # addressable pages (page ids are below this)
+        if shared is None:
+            self.buffer = torch.zeros(num_pages, page_size, dtype=dtype, device=device)  # [pages, page_size]
+            self._runs: list[list[int]] = [[0, num_pages]]  # free runs, sorted, disjoint and never adjacent
+            self.capacity = num_pages  # pages granted to the pool
+        else:
+            self.buffer = shared.view(-1).view(num_pages, page_size)
+            self._runs, self.capacity = [], 0
+        self.max_pages = min(num_pages, max_pages or num_pages)
+        self._num_free = self.capacity
 
     @property
     def nbytes(self) -> int:
-        return self.buffer.numel() * self.buffer.element_size()
+        """Bytes of the pages the pool holds now."""
+        return self.capacity * self.page_size * self.buffer.element_size()
 
     @property
     def num_free(self) -> int:
@@ -51,7 +65,7 @@ class PagePool:
 
     @property
     def num_used(self) -> int:
-        return self.num_pages - self._num_free
+        return self.capacity - self._num_free
 
     def pages_for(self, numel: int) -> int:
         return -(-numel // self.page_size)
@@ -110,6 +124,39 @@ class PagePool:
             nxt[0], nxt[1] = start, nxt[1] + k
         else:
             self._runs.insert(i, [start, k])
+
+    def grant(self, pages: torch.Tensor) -> None:
+        """Pages of a shared buffer become the pool's (free)."""
+        self.capacity += pages.numel()
+        self.free(pages)
+
+    def revoke(self, pages: torch.Tensor) -> bool:
+        """Give back granted pages, all of which must be free. -> False (nothing changes) if any is in use."""
+        idx = np.sort(pages.numpy())
+        runs = np.split(idx, np.flatnonzero(np.diff(idx) != 1) + 1)
+        where = []
+        for run in runs:
+            start, k = int(run[0]), len(run)
+            i = bisect.bisect_right(self._runs, [start, float("inf")]) - 1
+            if i < 0 or self._runs[i][0] + self._runs[i][1] < start + k:
+                return False
+            where.append((start, k))
+        for start, k in where:
+            i = bisect.bisect_right(self._runs, [start, float("inf")]) - 1
+            rs, rl = self._runs[i]
+            pieces = [[rs, start - rs], [start + k, rs + rl - start - k]]
+            self._runs[i:i + 1] = [r for r in pieces if r[1] > 0]
+        self._num_free -= idx.size
+        self.capacity -= idx.size
+        return True
+
+    def free_in(self, pages: torch.Tensor) -> int:
+        """How many of these pages are free."""
+        idx = pages.numpy()
+        starts = np.array([r[0] for r in self._runs], dtype=np.int64)
+        ends = starts + np.array([r[1] for r in self._runs], dtype=np.int64)
+        i = np.searchsorted(starts, idx, side="right") - 1
+        return int(((i >= 0) & (idx < ends[np.maximum(i, 0)])).sum()) if len(starts) else 0
 
     def write(self, pages: torch.Tensor, data: torch.Tensor) -> None:
         """Copy a tensor's elements into its pages (sized in whole pages): one copy when they are consecutive."""

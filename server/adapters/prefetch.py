@@ -36,6 +36,8 @@ class Prefetcher:
             h = seq.adapter
             if h is not None and h.entry.wants_pages:
                 wanted[id(h.entry)] = h.entry
+        if wanted:  # one memory budget: idle KV blocks become pool pages for them first
+            self.manager.grow_pool(sum(host.num_pages for e in wanted.values() if (host := e.host) is not None))
         with self._cond:
             if not wanted and not self._wanted:
                 return

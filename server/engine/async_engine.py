@@ -28,7 +28,7 @@ ADAPTER_WAIT_S = 120.0  # longest a request waits for host memory held by other 
 class EngineStats:
     num_running: int
     num_waiting: int
-    kv_blocks_total: int
+    kv_blocks_total: int  # with one memory budget: the most blocks the cache's share may hold
     kv_blocks_used: int
     kv_usage: float  # 0..1
     num_preemptions: int
@@ -90,11 +90,11 @@ class AsyncEngine:
         s, a, ad = self.engine.scheduler, self.engine.blocks.allocator, self.engine.adapters
         running, waiting = list(s.running), list(s.waiting)  # copies: the engine thread mutates them
         return EngineStats(num_running=len(running), num_waiting=len(waiting) + self._num_inbox,
-                           kv_blocks_total=a.num_blocks, kv_blocks_used=a.num_used,
-                           kv_usage=a.num_used / max(1, a.num_blocks), num_preemptions=s.num_preemptions,
+                           kv_blocks_total=self.engine.kv_max_blocks, kv_blocks_used=a.num_used,
+                           kv_usage=a.num_used / max(1, self.engine.kv_max_blocks), num_preemptions=s.num_preemptions,
                            adapters_running=dict(Counter(q.adapter_id for q in running if q.adapter_id)),
                            adapters_waiting=dict(Counter(q.adapter_id for q in waiting if q.adapter_id)),
-                           adapter_tiers=dict(ad.tier_counts()), adapter_pool_pages=ad.pool.num_pages,
+                           adapter_tiers=dict(ad.tier_counts()), adapter_pool_pages=ad.pool.capacity,
                            adapter_pool_pages_used=ad.pool.num_used,
                            adapter_prefetches=ad.num_prefetched, adapter_pool_evictions=ad.num_evictions,
                            adapter_kinds=dict(ad.kind_counts()),

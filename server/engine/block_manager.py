@@ -12,12 +12,16 @@ blocks hash the same takes it back instead of computing it again. Allocation tak
 first, then evicts the least recently freed cached block. A block in use is never evicted. Virtual
 tokens of prefix/prompt-tuning adapters are positions like any other (see Sequence.cache_tokens), so
 an adapter's virtual-token blocks are shared by all its requests through this same cache.
+
+With one memory budget (server/engine/memory.py) idle blocks may be lent to the adapter pool (`lend`)
+and come back when the cache needs them (`take_back`); a lent block is nobody's here.
 """
 from __future__ import annotations
 
 import hashlib
 from array import array
 from collections import OrderedDict, deque
+from typing import Callable
 
 from server.engine.sequence import Sequence
 
@@ -44,6 +48,12 @@ class BlockAllocator:
         self.cached: dict[bytes, int] = {}  # hash -> block
         self.virtual: set[int] = set()  # cached blocks that hold adapters' virtual tokens
         self.num_evictions = 0
+        self.lent: set[int] = set()  # blocks lent to the adapter pool (one memory budget)
+
+    @property
+    def capacity(self) -> int:
+        """Blocks the cache holds now (all of them unless some are lent to the adapter pool)."""
+        return self.num_blocks - len(self.lent)
 
     @property
     def num_free(self) -> int:
@@ -52,7 +62,31 @@ class BlockAllocator:
 
     @property
     def num_used(self) -> int:
-        return self.num_blocks - self.num_free
+        return self.capacity - self.num_free
+
+    @property
+    def num_uncached_free(self) -> int:
+        return len(self._free)
+
+    def lend(self, k: int, cached: bool = True) -> list[int]:
+        """Up to k idle blocks for the adapter pool: never-cached ones first (highest ids first, so lent blocks
+        tend to be neighbours), then (cached) the least recently used cached ones."""
+        out = sorted(self._free, reverse=True)[:k]
+        if out:
+            taken = set(out)
+            self._free = deque(b for b in self._free if b not in taken)
+        while cached and len(out) < k and self._evictable:
+            block, _ = self._evictable.popitem(last=False)
+            self._uncache(block)
+            self.num_evictions += 1
+            out.append(block)
+        self.lent.update(out)
+        return out
+
+    def take_back(self, blocks: list[int]) -> None:
+        for b in blocks:
+            self.lent.remove(b)
+            self._free.append(b)
 
     @property
     def num_cached(self) -> int:
@@ -134,12 +168,18 @@ class BlockManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.prefix_queries = 0  # cache positions looked up at admission (vllm:prefix_cache_queries)
         self.prefix_hits = 0  # of them found cached (vllm:prefix_cache_hits)
+        # one memory budget: blocks short -> take that many back from the adapter pool (server/engine/memory.py)
+        self.reclaim: Callable[[int], int] | None = None
 
     def blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
         total = seq.num_cached_tokens + num_new_tokens
         return max(0, -(-total // self.block_size) - len(seq.block_table))
 
     def can_allocate(self, num_blocks: int) -> bool:
+        """Room for num_blocks more; short of it, blocks lent to the adapter pool are taken back first."""
+        short = num_blocks - self.allocator.num_free
+        if short > 0 and self.reclaim is not None:
+            self.reclaim(short)
         return num_blocks <= self.allocator.num_free
 
     def grow(self, seq: Sequence, num_new_tokens: int) -> None:
@@ -210,4 +250,4 @@ class BlockManager:
 
     @property
     def usage(self) -> float:
-        return self.allocator.num_used / max(1, self.allocator.num_blocks)
+        return self.allocator.num_used / max(1, self.allocator.capacity)

@@ -21,6 +21,7 @@ from server.adapters.prefetch import Prefetcher
 from server.engine.block_manager import BlockManager
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.errors import AdapterNotFoundError, InvalidRequestError
+from server.engine.memory import UnifiedMemory
 from server.engine.model_runner import ModelRunner
 from server.engine.request import FinishReason, GenerateRequest, RequestOutput, RequestStats
 from server.engine.sampler import Sampler, SamplingState
@@ -47,18 +48,36 @@ class LLMEngine:
         self.quantization = self._describe_quantization()
         log.info("linear layers: %s (%.1f MiB resident, %.2fs to load and convert)", self.quantization,
                  sum(lin.nbytes for lin in self.model.linears()) / 2**20, time.monotonic() - t0)
-        bytes_per_block = mc.num_hidden_layers * 2 * cfg.block_size * mc.num_key_value_heads * mc.head_dim \
-            * torch.empty(0, dtype=self.dtype).element_size()
-        num_blocks = cfg.kv_cache_memory // bytes_per_block
+        strip = cfg.block_size * mc.num_key_value_heads * mc.head_dim  # one block of one layer's keys (or values)
+        bytes_per_block = mc.num_hidden_layers * 2 * strip * torch.empty(0, dtype=self.dtype).element_size()
+        unified = cfg.memory_budget is not None
+        num_blocks = (cfg.memory_budget if unified else cfg.kv_cache_bytes) // bytes_per_block
         if num_blocks < 1:
-            raise ValueError(f"kv_cache_memory {cfg.kv_cache_memory} B is below one KV block ({bytes_per_block} B)")
-        self.adapters = AdapterManager(self.model, adapter_root=cfg.adapter_root, device_memory=cfg.adapter_memory,
+            raise ValueError(f"{'memory_budget' if unified else 'kv_cache_memory'} "
+                             f"{cfg.memory_budget if unified else cfg.kv_cache_bytes} B is below one KV block "
+                             f"({bytes_per_block} B)")
+        if unified and cfg.torch_lora_dtype != self.dtype:
+            raise ValueError(f"memory_budget shares the KV cache's memory with the adapter pool, so lora_dtype must be "
+                             f"the model's dtype ({str(self.dtype).removeprefix('torch.')}), got {cfg.lora_dtype}")
+        # the most blocks the cache may hold (with one memory budget, its share can shrink below this)
+        self.kv_max_blocks = min(num_blocks, cfg.kv_cache_bytes // bytes_per_block) if unified else num_blocks
+        self.runner = ModelRunner(self.model, num_blocks, cfg.block_size)
+        self.adapters = AdapterManager(self.model, adapter_root=cfg.adapter_root, device_memory=cfg.adapter_pool_bytes,
                                        host_memory=cfg.adapter_host_memory, max_lora_rank=cfg.max_lora_rank,
-                                       load_on_demand=cfg.load_adapters_on_demand, lora_dtype=cfg.torch_lora_dtype)
-        self.runner = ModelRunner(self.model, num_blocks, cfg.block_size, self.adapters.pool)
+                                       load_on_demand=cfg.load_adapters_on_demand, lora_dtype=cfg.torch_lora_dtype,
+                                       shared=self.runner.kv_cache if unified else None, strip=strip)
+        self.runner.attach_pool(self.adapters.pool)
         self.blocks = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        self.memory = None  # one memory budget: the owner of the split between KV blocks and adapter pages
+        if unified:
+            self.memory = UnifiedMemory(self.blocks.allocator, self.adapters, mc.num_hidden_layers, strip,
+                                        self.kv_max_blocks, reserve=max(1, num_blocks // 20))
+            self.blocks.reclaim = self.memory.reclaim
+            log.info("one memory budget of %.1f MiB (%d blocks) for the KV cache (up to %d blocks) and the adapter "
+                     "pool (up to %d blocks of %d pages), split by the load", num_blocks * bytes_per_block / 2**20,
+                     num_blocks, self.kv_max_blocks, self.memory.max_lent, self.memory.pages_per_block)
         # prompt-learning adapters' virtual tokens: at most this share of the KV cache per adapter (refused at load)
-        self.adapter_kv_budget = int(num_blocks * cfg.adapter_kv_fraction)
+        self.adapter_kv_budget = int(self.kv_max_blocks * cfg.adapter_kv_fraction)
         self.adapters.prompt_kv_refusal = self._prompt_kv_refusal
         self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens,
                                    AdapterAdmission(self.adapters, cfg.max_loras))
@@ -141,12 +160,12 @@ class LLMEngine:
             seq.cache_salt = handle.cache_salt  # its KV is this loaded instance's (and task's) alone
         # progress: the whole request (its adapter's virtual tokens too) must fit in the cache at once
         need = -(-(seq.prefix_len + len(ids) + p.max_new_tokens) // self.cfg.block_size)
-        if need > self.blocks.allocator.num_blocks:
+        if need > self.kv_max_blocks:
             virtual = f" + {seq.prefix_len} virtual tokens" if seq.prefix_len else ""
             raise InvalidRequestError(
                 f"prompt ({len(ids)} tokens) + max_new_tokens ({p.max_new_tokens}){virtual} needs {need} KV blocks "
-                f"but the cache has {self.blocks.allocator.num_blocks}: lower max_new_tokens, shorten the prompt or "
-                "raise --kv-cache-memory")
+                f"but the cache has {self.kv_max_blocks}: lower max_new_tokens, shorten the prompt or "
+                f"raise --{'memory-budget' if self.memory else 'kv-cache-memory'}")
         seq.sampling_state = SamplingState.create(p, self.device)
         seq.detokenizer = IncrementalDetokenizer(self.tokenizer, ids)
         seq.stop_matcher = StopStringMatcher(p.stop)
@@ -219,7 +238,7 @@ class LLMEngine:
         if need <= self.adapter_kv_budget:
             return None
         return (f"needs {need} KV blocks for its {num_virtual_tokens} virtual tokens but --adapter-kv-fraction "
-                f"allows {self.adapter_kv_budget} of the {self.blocks.allocator.num_blocks}-block cache: raise "
+                f"allows {self.adapter_kv_budget} of the {self.kv_max_blocks}-block cache: raise "
                 "--adapter-kv-fraction or --kv-cache-memory")
 
     def _forget_retired_adapters(self) -> None:
@@ -266,6 +285,8 @@ class LLMEngine:
         is rerun in halves (_execute) so that only the sequences that fail on their own end."""
         self._forget_retired_adapters()
         batch = self.scheduler.schedule()
+        if self.memory is not None:
+            self.memory.lend_idle()  # one memory budget: what the cache does not need now waits in the adapter pool
         if self.prefetcher is not None:
             self.prefetcher.want(self.scheduler.waiting)
         outputs = [self.fail(seq, msg) for seq, msg in batch.failed]

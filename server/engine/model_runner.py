@@ -22,7 +22,6 @@ class ModelRunner:
     def __init__(self, model: LlamaModel, num_blocks: int, block_size: int, pool: PagePool | None = None):
         cfg = model.config
         self.model = model
-        self.pool = pool  # the device adapter pool whose pages LoRA batches read (server/adapters/pool.py)
         self.block_size = block_size
         self.device = model.device
         # [layers, K/V, slots, KVH, D]
@@ -30,11 +29,16 @@ class ModelRunner:
                                     cfg.head_dim, dtype=model.dtype, device=model.device)
         model.bind_kv_cache(self.kv_cache, block_size)
         self._block_offsets = torch.arange(block_size)
+        self.attach_pool(pool)
+
+    def attach_pool(self, pool: PagePool | None) -> None:
+        """The adapter pool LoRA batches read (set later when it views this runner's KV cache)."""
+        self.pool = pool
         # the LoRA add: SGMV kernels (Triton on CUDA, C++ on the CPU), else pool views + BLAS (chosen once)
-        ops = None if pool is None else sgmv_ops(self.device, model.dtype, pool.buffer.dtype)
+        ops = None if pool is None else sgmv_ops(self.device, self.model.dtype, pool.buffer.dtype)
         if pool is not None and ops is None:
             log.warning("no SGMV kernel for %s activations with a %s adapter pool on %s: using the per-segment "
-                        "torch path", model.dtype, pool.buffer.dtype, self.device)
+                        "torch path", self.model.dtype, pool.buffer.dtype, self.device)
         self.lora_batch = functools.partial(KernelLoraBatch.build, ops=ops) if ops else LoraBatch.build
 
     @property
