@@ -135,3 +135,17 @@ def test_existing_flags_bound_each_share(root):
 def test_a_budget_needs_the_pool_in_the_models_dtype(root):
     with pytest.raises(ValueError, match="lora_dtype must be the model's dtype"):
         engine_for(root, memory_budget=40 * BLOCK_BYTES, lora_dtype="bfloat16")
+
+
+def test_pool_pages_of_a_block_are_that_blocks_kv_memory(root):
+    """Block-major page ids: block b's ids map one-to-one onto the rows of b's strips of every layer's keys and
+    values, so an adapter written to them overwrites only that block's slots."""
+    e = engine_for(root, memory_budget=12 * BLOCK_BYTES)
+    mem, pool, kv = e.memory, e.adapters.pool, e.runner.kv_cache
+    rows = mem.physical(torch.arange(12 * mem.pages_per_block))
+    assert sorted(rows.tolist()) == list(range(pool.num_pages))  # a bijection onto the buffer's rows
+    b = 5
+    saved = kv.clone()
+    pool.buffer[mem.physical(mem.block_pages(b))] = 7.0
+    changed = (kv != saved).view(*kv.shape[:2], 12, 16, *kv.shape[3:]).any(-1).any(-1).any(-1)  # [L, 2, blocks]
+    assert changed[:, :, b].all() and not changed[:, :, [i for i in range(12) if i != b]].any()

@@ -155,6 +155,7 @@ def place(packed: PackedAdapter, pool: PagePool, pages: torch.Tensor, device: to
     """Copy the packed buffer into `pages` of the pool and build the views and kernel metadata."""
     pool.write(pages, packed.flat)
     buf = pool.buffer
+    pages = pool.physical(pages)  # the buffer rows the kernels and views read
     dev_pages = pages.to(device)
     ids = pages.tolist()  # ascending (the allocator's order): a span is consecutive iff its ends are
 

@@ -9,13 +9,16 @@ page tables.
 
 A pool may own its buffer outright (every page usable), or view a buffer it shares with the KV cache
 (server/engine/memory.py): then it starts with no pages and uses only those granted to it (`grant`),
-giving them back when they are free again (`revoke`).
+giving them back when they are free again (`revoke`). Page ids are then the memory budget's (block-major,
+so a run of ids is a run of whole KV blocks) and `physical` maps them to rows of the buffer; page tables
+and views are built from physical rows (layout.place).
 """
 from __future__ import annotations
 
 import bisect
 import math
 from functools import reduce
+from typing import Callable
 
 import numpy as np
 import torch
@@ -37,9 +40,11 @@ class PagePool:
     and freeing cost O(number of runs), not O(pages), so a pool of millions of pages stays cheap."""
 
     def __init__(self, num_pages: int, page_size: int, dtype: torch.dtype, device: torch.device,
-                 shared: torch.Tensor | None = None, max_pages: int | None = None):
+                 shared: torch.Tensor | None = None, max_pages: int | None = None,
+                 physical: Callable[[torch.Tensor], torch.Tensor] | None = None):
         """shared: a contiguous buffer to view as [num_pages, page_size] pages of which none is usable until
-        granted; max_pages: the most pages it may be granted (the --adapter-memory bound)."""
+        granted; max_pages: the most pages it may be granted (the --adapter-memory bound); physical: page ids
+        -> buffer rows (default: the same)."""
         if num_pages < 1:
             raise ValueError(f"the adapter pool needs at least one page of {page_size} elements")
         self.page_size = page_size
@@ -53,6 +58,16 @@ class PagePool:
             self._runs, self.capacity = [], 0
         self.max_pages = min(num_pages, max_pages or num_pages)
         self._num_free = self.capacity
+        self._physical = physical
+
+    def map_pages(self, physical: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Set the page id -> buffer row map (before any page is granted)."""
+        assert self.capacity == 0 or self._physical is not None
+        self._physical = physical
+
+    def physical(self, pages: torch.Tensor) -> torch.Tensor:
+        """Buffer rows of page ids (int64)."""
+        return pages if self._physical is None else self._physical(pages)
 
     @property
     def nbytes(self) -> int:
@@ -160,6 +175,7 @@ class PagePool:
 
     def write(self, pages: torch.Tensor, data: torch.Tensor) -> None:
         """Copy a tensor's elements into its pages (sized in whole pages): one copy when they are consecutive."""
+        pages = self.physical(pages)
         flat = data.reshape(-1)
         first, n = int(pages[0]), pages.numel()
         if int(pages[-1]) - first == n - 1:

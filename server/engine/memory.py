@@ -3,9 +3,11 @@
 The KV cache tensor is then the only device buffer for both. It is [layers, K/V, slots, KVH, D], so KV
 block b is 2 * layers strips of block_size * KVH * D elements, strip j starting at element
 (j * num_blocks + b) * strip. The adapter pool views the same tensor as pages whose size divides a
-strip (server/adapters/pool.py, shared), so every page lies in exactly one block: lending block b to
-the pool grants it that block's pages, taking the block back revokes them. Kernels see no difference:
-KV blocks are addressed through block tables and adapter pages through page tables, as always.
+strip (server/adapters/pool.py, shared), so every page lies in exactly one block. Pool page ids are
+block-major (block b owns ids b * pages_per_block ..), mapped to buffer rows by `physical`: the pool's
+contiguous runs are runs of whole blocks, so an adapter spans few blocks and blocks free up whole.
+Lending block b to the pool grants it that block's ids, taking the block back revokes them. Kernels see
+no difference: KV blocks are addressed through block tables and adapter pages through page tables.
 
 The split follows the load, on the engine thread:
 - idle memory waits in the pool: after each schedule the never-used free blocks beyond a reserve (kept
@@ -39,15 +41,16 @@ class UnifiedMemory:
         self.pool = manager.pool
         nb = allocator.num_blocks
         pps = strip // self.pool.page_size  # pages per strip
-        self._pps, self._row = pps, nb * pps  # a strip row of the page view: one strip of every block
-        self._offsets = (torch.arange(2 * num_layers) * nb * pps)[:, None] + torch.arange(pps)  # [strips, pps]
+        self._pps, self._nb = pps, nb
         self.pages_per_block = 2 * num_layers * pps
+        self.pool.map_pages(self.physical)
         self.kv_max_blocks = min(nb, kv_max_blocks)
         self.max_lent = min(nb, max(1, self.pool.max_pages // self.pages_per_block))  # the --adapter-memory bound
         self.pool.max_pages = self.max_lent * self.pages_per_block  # what an adapter may take at most
         self.reserve = reserve
         self.num_lent = 0  # blocks lent to the pool, counted over time
         self.num_reclaimed = 0  # blocks taken back
+        self._blocks: dict = {}  # adapter entry -> (its pages tensor, the blocks they lie in)
         manager.lend = self.lend
         extra = nb - self.kv_max_blocks
         if extra > 0:  # a KV bound below the budget: the rest is the pool's from the start
@@ -57,10 +60,16 @@ class UnifiedMemory:
 
     def block_pages(self, block: int) -> torch.Tensor:
         """The pool page ids of one KV block, ascending."""
-        return (self._offsets + block * self._pps).flatten()
+        return torch.arange(block * self.pages_per_block, (block + 1) * self.pages_per_block)
 
     def block_of(self, pages: torch.Tensor) -> torch.Tensor:
-        return (pages % self._row) // self._pps
+        return pages // self.pages_per_block
+
+    def physical(self, pages: torch.Tensor) -> torch.Tensor:
+        """Page ids -> rows of the KV cache viewed as [*, page_size]: page i of block b is page i % pps of
+        block b's strip i // pps."""
+        block, i = pages // self.pages_per_block, pages % self.pages_per_block
+        return ((i // self._pps) * self._nb + block) * self._pps + i % self._pps
 
     @property
     def adapter_bytes(self) -> int:
@@ -118,10 +127,16 @@ class UnifiedMemory:
         """The lent block cheapest to take back, and the device-resident adapters with pages in it: None if
         every lent block holds a pinned adapter or one being copied in."""
         users: dict[int, list] = defaultdict(list)
+        known: dict = {}
         for e in self.manager.entries.values():
             if e.pages is not None:
-                for b in torch.unique(self.block_of(e.pages)).tolist():
+                pages, blocks = self._blocks.get(e, (None, None))
+                if pages is not e.pages:  # an adapter's blocks, computed once per placement
+                    blocks = torch.unique(self.block_of(e.pages)).tolist()
+                known[e] = (e.pages, blocks)
+                for b in blocks:
                     users[b].append(e)
+        self._blocks = known
         best, best_key = None, None
         for b in self.allocator.lent - tried:
             us = users.get(b, [])
