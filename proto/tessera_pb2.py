@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13proto/tessera.proto\x12\ntessera.v1\"(\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xfb\x02\n\x0fGenerateRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12%\n\x08messages\x18\x03 \x03(\x0b\x32\x13.tessera.v1.Message\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\r\x12\x13\n\x0btemperature\x18\x05 \x01(\x02\x12\r\n\x05top_p\x18\x06 \x01(\x02\x12\r\n\x05top_k\x18\x07 \x01(\r\x12\x1a\n\x12repetition_penalty\x18\x08 \x01(\x02\x12\x11\n\x04seed\x18\t \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x12\n\nrequest_id\x18\x0b \x01(\t\x12\x10\n\x08logprobs\x18\x0c \x01(\x08\x12\x16\n\x0estop_token_ids\x18\r \x03(\r\x12\x12\n\nignore_eos\x18\x0e \x01(\x08\x12\x18\n\x10prompt_token_ids\x18\x0f \x03(\r\x12\x14\n\x07task_id\x18\x10 \x01(\rH\x01\x88\x01\x01\x42\x07\n\x05_seedB\n\n\x08_task_id\"\x96\x02\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.tessera.v1.FinishReason\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x15\n\rprompt_tokens\x18\x06 \x01(\r\x12\x18\n\x10generated_tokens\x18\x07 \x01(\r\x12\x1d\n\x15time_to_first_token_s\x18\x08 \x01(\x01\x12\x15\n\re2e_latency_s\x18\t \x01(\x01\x12\x14\n\x0cqueue_time_s\x18\n \x01(\x01\x12\r\n\x05\x65rror\x18\x0b \x01(\t\"6\n\x12LoadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\"\x95\x01\n\x0b\x41\x64\x61pterInfo\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\x10\n\x08resident\x18\x04 \x01(\t\x12\x0c\n\x04path\x18\x05 \x01(\t\x12\r\n\x05\x62ytes\x18\x06 \x01(\x04\x12\x17\n\x0f\x61\x63tive_requests\x18\x07 \x01(\r\x12\x0e\n\x06pinned\x18\x08 \x01(\r\"?\n\x13LoadAdapterResponse\x12(\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x17.tessera.v1.AdapterInfo\"*\n\x14UnloadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"\x17\n\x15UnloadAdapterResponse\"\x15\n\x13ListAdaptersRequest\"A\n\x14ListAdaptersResponse\x12)\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x17.tessera.v1.AdapterInfo\"\x15\n\x13GetModelInfoRequest\"\xc8\x02\n\x14GetModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x19\n\x11has_chat_template\x18\x06 \x01(\x08\x12\x14\n\x0cweight_bytes\x18\x07 \x01(\x04\x12\x16\n\x0ekv_cache_bytes\x18\x08 \x01(\x04\x12\x14\n\x0cquantization\x18\t \x01(\t\x12\x45\n\x0b\x63pu_kernels\x18\n \x03(\x0b\x32\x30.tessera.v1.GetModelInfoResponse.CpuKernelsEntry\x1a\x31\n\x0f\x43puKernelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*f\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\n\n\x06LENGTH\x10\x01\x12\x08\n\x04STOP\x10\x02\x12\x07\n\x03\x45OS\x10\x03\x12\r\n\tCANCELLED\x10\x04\x12\t\n\x05\x45RROR\x10\x05\x32\xa0\x03\n\tInference\x12G\n\x08Generate\x12\x1b.tessera.v1.GenerateRequest\x1a\x1c.tessera.v1.GenerateResponse0\x01\x12N\n\x0bLoadAdapter\x12\x1e.tessera.v1.LoadAdapterRequest\x1a\x1f.tessera.v1.LoadAdapterResponse\x12T\n\rUnloadAdapter\x12 .tessera.v1.UnloadAdapterRequest\x1a!.tessera.v1.UnloadAdapterResponse\x12Q\n\x0cListAdapters\x12\x1f.tessera.v1.ListAdaptersRequest\x1a .tessera.v1.ListAdaptersResponse\x12Q\n\x0cGetModelInfo\x12\x1f.tessera.v1.GetModelInfoRequest\x1a .tessera.v1.GetModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13proto/tessera.proto\x12\ntessera.v1\"(\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xb4\x03\n\x0fGenerateRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12%\n\x08messages\x18\x03 \x03(\x0b\x32\x13.tessera.v1.Message\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\r\x12\x13\n\x0btemperature\x18\x05 \x01(\x02\x12\r\n\x05top_p\x18\x06 \x01(\x02\x12\r\n\x05top_k\x18\x07 \x01(\r\x12\x1a\n\x12repetition_penalty\x18\x08 \x01(\x02\x12\x11\n\x04seed\x18\t \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x12\n\nrequest_id\x18\x0b \x01(\t\x12\x10\n\x08logprobs\x18\x0c \x01(\x08\x12\x16\n\x0estop_token_ids\x18\r \x03(\r\x12\x12\n\nignore_eos\x18\x0e \x01(\x08\x12\x18\n\x10prompt_token_ids\x18\x0f \x03(\r\x12\x14\n\x07task_id\x18\x10 \x01(\rH\x01\x88\x01\x01\x12\x37\n\x11structured_output\x18\x11 \x01(\x0b\x32\x1c.tessera.v1.StructuredOutputB\x07\n\x05_seedB\n\n\x08_task_id\"\x96\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12(\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x16.tessera.v1.ChoiceListH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x42\x06\n\x04kind\"\x1d\n\nChoiceList\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"\x96\x02\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.tessera.v1.FinishReason\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x15\n\rprompt_tokens\x18\x06 \x01(\r\x12\x18\n\x10generated_tokens\x18\x07 \x01(\r\x12\x1d\n\x15time_to_first_token_s\x18\x08 \x01(\x01\x12\x15\n\re2e_latency_s\x18\t \x01(\x01\x12\x14\n\x0cqueue_time_s\x18\n \x01(\x01\x12\r\n\x05\x65rror\x18\x0b \x01(\t\"6\n\x12LoadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\"\x95\x01\n\x0b\x41\x64\x61pterInfo\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\x10\n\x08resident\x18\x04 \x01(\t\x12\x0c\n\x04path\x18\x05 \x01(\t\x12\r\n\x05\x62ytes\x18\x06 \x01(\x04\x12\x17\n\x0f\x61\x63tive_requests\x18\x07 \x01(\r\x12\x0e\n\x06pinned\x18\x08 \x01(\r\"?\n\x13LoadAdapterResponse\x12(\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x17.tessera.v1.AdapterInfo\"*\n\x14UnloadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"\x17\n\x15UnloadAdapterResponse\"\x15\n\x13ListAdaptersRequest\"A\n\x14ListAdaptersResponse\x12)\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x17.tessera.v1.AdapterInfo\"\x15\n\x13GetModelInfoRequest\"\xc8\x02\n\x14GetModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x19\n\x11has_chat_template\x18\x06 \x01(\x08\x12\x14\n\x0cweight_bytes\x18\x07 \x01(\x04\x12\x16\n\x0ekv_cache_bytes\x18\x08 \x01(\x04\x12\x14\n\x0cquantization\x18\t \x01(\t\x12\x45\n\x0b\x63pu_kernels\x18\n \x03(\x0b\x32\x30.tessera.v1.GetModelInfoResponse.CpuKernelsEntry\x1a\x31\n\x0f\x43puKernelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*f\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\n\n\x06LENGTH\x10\x01\x12\x08\n\x04STOP\x10\x02\x12\x07\n\x03\x45OS\x10\x03\x12\r\n\tCANCELLED\x10\x04\x12\t\n\x05\x45RROR\x10\x05\x32\xa0\x03\n\tInference\x12G\n\x08Generate\x12\x1b.tessera.v1.GenerateRequest\x1a\x1c.tessera.v1.GenerateResponse0\x01\x12N\n\x0bLoadAdapter\x12\x1e.tessera.v1.LoadAdapterRequest\x1a\x1f.tessera.v1.LoadAdapterResponse\x12T\n\rUnloadAdapter\x12 .tessera.v1.UnloadAdapterRequest\x1a!.tessera.v1.UnloadAdapterResponse\x12Q\n\x0cListAdapters\x12\x1f.tessera.v1.ListAdaptersRequest\x1a .tessera.v1.ListAdaptersResponse\x12Q\n\x0cGetModelInfo\x12\x1f.tessera.v1.GetModelInfoRequest\x1a .tessera.v1.GetModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,34 +33,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GETMODELINFORESPONSE_CPUKERNELSENTRY']._loaded_options = None
   _globals['_GETMODELINFORESPONSE_CPUKERNELSENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=1526
-  _globals['_FINISHREASON']._serialized_end=1628
+  _globals['_FINISHREASON']._serialized_start=1767
+  _globals['_FINISHREASON']._serialized_end=1869
   _globals['_MESSAGE']._serialized_start=35
   _globals['_MESSAGE']._serialized_end=75
   _globals['_GENERATEREQUEST']._serialized_start=78
-  _globals['_GENERATEREQUEST']._serialized_end=457
-  _globals['_GENERATERESPONSE']._serialized_start=460
-  _globals['_GENERATERESPONSE']._serialized_end=738
-  _globals['_LOADADAPTERREQUEST']._serialized_start=740
-  _globals['_LOADADAPTERREQUEST']._serialized_end=794
-  _globals['_ADAPTERINFO']._serialized_start=797
-  _globals['_ADAPTERINFO']._serialized_end=946
-  _globals['_LOADADAPTERRESPONSE']._serialized_start=948
-  _globals['_LOADADAPTERRESPONSE']._serialized_end=1011
-  _globals['_UNLOADADAPTERREQUEST']._serialized_start=1013
-  _globals['_UNLOADADAPTERREQUEST']._serialized_end=1055
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=1057
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=1080
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=1082
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=1103
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1105
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1170
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1172
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1193
-  _globals['_GETMODELINFORESPONSE']._serialized_start=1196
-  _globals['_GETMODELINFORESPONSE']._serialized_end=1524
-  _globals['_GETMODELINFORESPONSE_CPUKERNELSENTRY']._serialized_start=1475
-  _globals['_GETMODELINFORESPONSE_CPUKERNELSENTRY']._serialized_end=1524
-  _globals['_INFERENCE']._serialized_start=1631
-  _globals['_INFERENCE']._serialized_end=2047
+  _globals['_GENERATEREQUEST']._serialized_end=514
+  _globals['_STRUCTUREDOUTPUT']._serialized_start=517
+  _globals['_STRUCTUREDOUTPUT']._serialized_end=667
+  _globals['_CHOICELIST']._serialized_start=669
+  _globals['_CHOICELIST']._serialized_end=698
+  _globals['_GENERATERESPONSE']._serialized_start=701
+  _globals['_GENERATERESPONSE']._serialized_end=979
+  _globals['_LOADADAPTERREQUEST']._serialized_start=981
+  _globals['_LOADADAPTERREQUEST']._serialized_end=1035
+  _globals['_ADAPTERINFO']._serialized_start=1038
+  _globals['_ADAPTERINFO']._serialized_end=1187
+  _globals['_LOADADAPTERRESPONSE']._serialized_start=1189
+  _globals['_LOADADAPTERRESPONSE']._serialized_end=1252
+  _globals['_UNLOADADAPTERREQUEST']._serialized_start=1254
+  _globals['_UNLOADADAPTERREQUEST']._serialized_end=1296
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=1298
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=1321
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=1323
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=1344
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1346
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1411
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1413
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1434
+  _globals['_GETMODELINFORESPONSE']._serialized_start=1437
+  _globals['_GETMODELINFORESPONSE']._serialized_end=1765
+  _globals['_GETMODELINFORESPONSE_CPUKERNELSENTRY']._serialized_start=1716
+  _globals['_GETMODELINFORESPONSE_CPUKERNELSENTRY']._serialized_end=1765
+  _globals['_INFERENCE']._serialized_start=1872
+  _globals['_INFERENCE']._serialized_end=2288
 # @@protoc_insertion_point(module_scope)

@@ -32,7 +32,12 @@ class EngineError(Exception):
 
 
 class InvalidRequestError(EngineError, ValueError):
-    """Bad input: empty prompt, prompt + max_new_tokens over the context, bad sampling values."""
+    """Bad input: empty prompt, prompt + max_new_tokens over the context, bad sampling values. `param`: the
+    request field at fault, when known (the HTTP API's error body names it)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class QueueFullError(EngineError):

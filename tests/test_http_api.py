@@ -3,6 +3,7 @@ raw bodies and disconnects), greedy tokens equal to gRPC's and PEFT's, every sam
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import threading
 import time
@@ -264,8 +265,22 @@ CHAT_BAD = [
     ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 21, "logprobs": True}, 400, "top_logprobs",
      "less than"),
     ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, 400, "tools", "not supported"),
-    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}, 400,
-     "response_format", "not supported"),
+    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema",
+                                                                           "json_schema": {"name": "p"}}},
+     400, "response_format.json_schema", "needs json_schema.schema"),
+    ({"messages": [{"role": "user", "content": "x"}],
+      "response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": {"type": "wrong"}}}},
+     400, "response_format.json_schema.schema", "wrong"),
+    ({"messages": [{"role": "user", "content": "x"}], "structured_outputs": {"regex": "(x"}}, 400,
+     "structured_outputs.regex", "parenthesis"),
+    ({"messages": [{"role": "user", "content": "x"}], "structured_outputs": {"choice": []}}, 400,
+     "structured_outputs.choice", "non-empty strings"),
+    ({"messages": [{"role": "user", "content": "x"}], "structured_outputs": {"grammar": "root ::= nope"}}, 400,
+     "structured_outputs.grammar", "nope"),
+    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"},
+      "structured_outputs": {"regex": "a"}}, 400, "structured_outputs.regex", "give one output constraint"),
+    ({"messages": [{"role": "user", "content": "x"}], "guided_json": "{not json"}, 400, "guided_json",
+     "not valid JSON"),
 ]
 
 
@@ -431,6 +446,56 @@ def test_chat_logprobs_shape(client):
     for c in content:
         assert len(c.top_logprobs) == 2 and c.top_logprobs[0].logprob == pytest.approx(c.logprob)
         assert bytes(c.bytes).decode() == c.token
+
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
+                                            "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+          "required": ["name", "age"], "additionalProperties": False}
+
+
+def test_structured_output_with_the_openai_sdk_and_grpc(server, client):
+    """response_format json_schema / json_object and vLLM's structured_outputs (regex, choice) through the real
+    SDK, streaming or not, base and adapter; the same constraint over gRPC; a length cut says length."""
+    import jsonschema
+
+    msgs = [{"role": "user", "content": "Describe a person as JSON."}]
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    for model in (BASE, "r4-qv"):
+        r = client.chat.completions.create(model=model, messages=msgs, max_tokens=60, temperature=0,
+                                           response_format=fmt)
+        assert r.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(r.choices[0].message.content), PERSON)
+        streamed = client.chat.completions.create(model=model, messages=msgs, max_tokens=60, temperature=0,
+                                                  response_format=fmt, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == r.choices[0].message.content
+    r = client.chat.completions.create(model=BASE, messages=msgs, max_tokens=100, temperature=0.7, seed=5, n=3,
+                                       response_format={"type": "json_object"})
+    done = [c for c in r.choices if c.finish_reason == "stop"]  # any other was cut by max_tokens: says length
+    assert done and all(c.finish_reason == "length" for c in r.choices if c not in done)
+    assert all(isinstance(json.loads(c.message.content), dict) for c in done)
+    r = client.completions.create(model="dora-r8", prompt="The year is", max_tokens=8, temperature=0,
+                                  extra_body={"structured_outputs": {"regex": "[12][0-9]{3}"}})
+    assert re.fullmatch("[12][0-9]{3}", r.choices[0].text) and r.choices[0].finish_reason == "stop"
+    r = client.completions.create(model=BASE, prompt="Pick one:", max_tokens=8, temperature=0,
+                                  extra_body={"structured_outputs": {"choice": ["left", "right"]}})
+    assert r.choices[0].text in ("left", "right")
+    r = client.chat.completions.create(model=BASE, messages=msgs, max_tokens=3, temperature=0, response_format=fmt)
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 3
+    meta = [("authorization", f"Bearer {KEY}")]
+    req = pb.GenerateRequest(prompt="Describe a person as JSON:", max_new_tokens=60,
+                             structured_output=pb.StructuredOutput(json_schema=json.dumps(PERSON)))
+    out = list(server.stub.Generate(req, metadata=meta))
+    assert out[-1].finish_reason == pb.EOS
+    jsonschema.validate(json.loads("".join(m.text for m in out)), PERSON)
+    req = pb.GenerateRequest(prompt="x", structured_output=pb.StructuredOutput(
+        choice=pb.ChoiceList(choices=["a", "b"])))
+    assert "".join(m.text for m in server.stub.Generate(req, metadata=meta)) in ("a", "b")
+    for bad, words in ((pb.StructuredOutput(regex="(x"), "structured_output.regex"),
+                       (pb.StructuredOutput(json_schema='{"type": 5}'), "structured_output.json_schema"),
+                       (pb.StructuredOutput(), "set one of json_schema")):
+        with pytest.raises(grpc.RpcError) as err:
+            list(server.stub.Generate(pb.GenerateRequest(prompt="x", structured_output=bad), metadata=meta))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and words in err.value.details()
 
 
 def test_http_and_grpc_share_one_engine_and_its_metrics(server, client):

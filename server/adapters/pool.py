@@ -140,6 +140,10 @@ class PagePool:
         else:
             self._runs.insert(i, [start, k])
 
+    def free_runs(self) -> list[tuple[int, int]]:
+        """The free runs (start, length), ascending."""
+        return [(s, n) for s, n in self._runs]
+
     def grant(self, pages: torch.Tensor) -> None:
         """Pages of a shared buffer become the pool's (free)."""
         self.capacity += pages.numel()

@@ -4,6 +4,7 @@ from __future__ import annotations
 from proto import tessera_pb2 as pb
 from server.errors import InvalidRequestError
 from server.engine.request import FinishReason, GenerateRequest, RequestOutput, SamplingParams
+from server.engine.structured import StructuredOutput
 
 _FINISH = {FinishReason.LENGTH: pb.LENGTH, FinishReason.STOP: pb.STOP, FinishReason.EOS: pb.EOS,
            FinishReason.CANCELLED: pb.CANCELLED, FinishReason.ERROR: pb.ERROR}
@@ -41,9 +42,24 @@ def to_engine_request(msg: pb.GenerateRequest, default_max_new_tokens: int) -> G
             request_id=msg.request_id or None,
             adapter_id=msg.adapter_id or None,
             task_id=msg.task_id if msg.HasField("task_id") else None,
+            structured=_structured(msg),
         )
     except ValueError as exc:
         raise InvalidRequestError(str(exc)) from None
+
+
+def _structured(msg: pb.GenerateRequest) -> StructuredOutput | None:
+    if not msg.HasField("structured_output"):
+        return None
+    so = msg.structured_output
+    kind = so.WhichOneof("kind")
+    if kind is None:
+        raise ValueError("structured_output is set but empty: set one of json_schema, json_object, regex, "
+                         "choice or grammar")
+    if kind == "json_object" and not so.json_object:
+        raise ValueError("structured_output.json_object must be true when set")
+    value = tuple(so.choice.choices) if kind == "choice" else getattr(so, kind)
+    return StructuredOutput(**{kind: value})
 
 
 def to_response(out: RequestOutput) -> pb.GenerateResponse:

@@ -162,7 +162,16 @@ class AsyncEngine:
             delay = min(0.5, delay * 2)
 
     async def _prepare(self, request: GenerateRequest):
-        """Tokenize and validate in a worker thread (chat templates and long prompts stay off the event loop)."""
+        """Tokenize and validate in a worker thread (chat templates and long prompts stay off the event loop).
+        A structured-output constraint is compiled first, in the grammar threads: a slow one holds up no one's
+        tokenizing, and one past the bound is refused."""
+        if request.structured is not None:
+            grammars = self.engine.grammars
+            compiling = grammars.submit(request.structured)
+            try:  # shielded: the compilation is shared (cached) and outlives this request
+                await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(compiling)), grammars.timeout_s)
+            except asyncio.TimeoutError:
+                raise grammars.timeout_error(request.structured) from None
         fut = self._loop.run_in_executor(self._prep_pool, self.engine.make_sequence, request)
         try:
             return await asyncio.shield(fut)

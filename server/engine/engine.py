@@ -5,6 +5,7 @@ The async front end (async_engine.py) runs it in a background thread.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 import uuid
@@ -28,6 +29,7 @@ from server.engine.sampler import Sampler, SamplingState
 from server.engine.scheduler import ScheduledBatch, Scheduler
 from server.engine.sequence import Sequence, SequenceStatus
 from server.engine.stop import StopStringMatcher
+from server.engine.structured import GrammarCompiler
 from server.model.llama import LlamaModel
 
 log = logging.getLogger("tessera.engine")
@@ -84,6 +86,8 @@ class LLMEngine:
         # the adapters queued requests wait for go into device pages while the batch runs
         self.prefetcher = Prefetcher(self.adapters, cfg.max_loras) if cfg.adapter_prefetch else None
         self.sampler = Sampler()
+        # structured output: constraints compiled for this tokenizer in request threads (structured.py)
+        self.grammars = GrammarCompiler(self.tokenizer, mc.vocab_size, mc.eos_token_ids)
         self.eos_ids = set(mc.eos_token_ids)
         self.requests: dict[str, Sequence] = {}
         log.info("model %s on %s/%s ready in %.1fs: %d layers, %.1f MiB weights, %d KV blocks of %d tokens "
@@ -167,6 +171,8 @@ class LLMEngine:
                 f"but the cache has {self.kv_max_blocks}: lower max_new_tokens, shorten the prompt or "
                 f"raise --{'memory-budget' if self.memory else 'kv-cache-memory'}")
         seq.sampling_state = SamplingState.create(p, self.device)
+        if request.structured is not None:  # compiled here, in the caller's thread (cached per constraint)
+            seq.grammar = self.grammars.state(request.structured)
         seq.detokenizer = IncrementalDetokenizer(self.tokenizer, ids)
         seq.stop_matcher = StopStringMatcher(p.stop)
         return seq
@@ -268,6 +274,7 @@ class LLMEngine:
         """At shutdown: end every live request with ERROR and free everything."""
         if self.prefetcher is not None:
             self.prefetcher.close()
+        self.grammars.close()
         return [self.fail(seq, message) for seq in list(self.requests.values())]
 
     def fail_running(self, message: str) -> list[RequestOutput]:
@@ -285,8 +292,8 @@ class LLMEngine:
         is rerun in halves (_execute) so that only the sequences that fail on their own end."""
         self._forget_retired_adapters()
         batch = self.scheduler.schedule()
-        if self.memory is not None:
-            self.memory.lend_idle()  # one memory budget: what the cache does not need now waits in the adapter pool
+        if self.memory is not None:  # one memory budget: what the cache will not need soon waits in the adapter pool
+            self.memory.lend_idle(self._kv_demand())
         if self.prefetcher is not None:
             self.prefetcher.want(self.scheduler.waiting)
         outputs = [self.fail(seq, msg) for seq, msg in batch.failed]
@@ -302,7 +309,8 @@ class LLMEngine:
             return outputs
         try:
             sampled = self.sampler(logits, [s.sampling_state for s in seqs], [s.token_ids for s in seqs],
-                                   [s.output_ids for s in seqs], [self._banned(s) for s in seqs])
+                                   [s.output_ids for s in seqs], [self._banned(s) for s in seqs],
+                                   [s.grammar for s in seqs])
         except Exception as exc:
             log.exception("the sampler failed for requests %s", [s.request_id for s in seqs])
             return outputs + [self.fail(s, f"internal error in the sampler: {type(exc).__name__}: {exc}")
@@ -314,6 +322,9 @@ class LLMEngine:
                 continue
             try:
                 token = int(sampled.token_ids[i])
+                if seq.grammar is not None and not seq.grammar.accept(token):
+                    outputs.append(self.fail(seq, f"internal error: the output constraint refused token {token}"))
+                    continue
                 seq.token_ids.append(token)
                 if seq.first_token_time is None:
                     seq.first_token_time = now
@@ -323,12 +334,21 @@ class LLMEngine:
                 outputs.append(self.fail(seq, f"internal error after sampling: {type(exc).__name__}: {exc}"))
         return outputs
 
+    def _kv_demand(self) -> int:
+        """Blocks the running sequences and the next waiting ones may still take (to their max_new_tokens)."""
+        bs, seqs = self.cfg.block_size, list(self.scheduler.running)
+        seqs += list(itertools.islice(self.scheduler.waiting, max(0, self.cfg.max_num_seqs - len(seqs))))
+        return sum(max(0, -(-(s.prefix_len + s.num_prompt_tokens + s.params.max_new_tokens) // bs) - len(s.block_table))
+                   for s in seqs)
+
     def _banned(self, seq: Sequence) -> tuple[int, ...]:
         """Tokens that would end the sequence before its min_tokens: not sampled yet."""
         p = seq.params
         if seq.num_generated >= p.min_tokens:
             return ()
-        return tuple(sorted(set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_ids)))
+        # a constrained sequence ends when its grammar is complete (the mask then allows only EOS)
+        eos = set() if p.ignore_eos or seq.grammar is not None else self.eos_ids
+        return tuple(sorted(set(p.stop_token_ids) | eos))
 
     @staticmethod
     def _logprobs(seq: Sequence, sampled, i: int):
@@ -370,7 +390,7 @@ class LLMEngine:
                      top: list[list[tuple[int, float]]] | None = None) -> RequestOutput:
         p = seq.params
         lp = (logprobs, top)
-        if token in self.eos_ids and not p.ignore_eos:
+        if token in self.eos_ids and (not p.ignore_eos or (seq.grammar is not None and seq.grammar.terminated)):
             return self._finish(seq, FinishReason.EOS, *self._final_text(seq, ""), [token], *lp)
         if token in p.stop_token_ids:
             return self._finish(seq, FinishReason.STOP, *self._final_text(seq, ""), [token], *lp)

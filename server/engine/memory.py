@@ -10,12 +10,12 @@ Lending block b to the pool grants it that block's ids, taking the block back re
 no difference: KV blocks are addressed through block tables and adapter pages through page tables.
 
 The split follows the load, on the engine thread:
-- idle memory waits in the pool: after each schedule the never-used free blocks beyond a reserve (kept
-  for running sequences to grow) are lent (`lend_idle`), so adapters loaded in worker threads find free
+- idle memory waits in the pool: after each schedule the never-used free blocks beyond a reserve and
+  what the running and next waiting sequences may still take are lent (`lend_idle`), so adapters loaded in worker threads find free
   pages and stay resident as long as nothing else needs the memory; the prefix cache's blocks stay.
 - adapter pages short (a queued request's adapter is made resident or prefetched): the cache lends idle
-  blocks, cached ones too, keeping the reserve, up to the --adapter-memory bound; adapters are evicted
-  only when that is not enough (manager._pool_room).
+  blocks, cached ones too, keeping the reserve and what its sequences may still take, up to the
+  --adapter-memory bound; adapters are evicted only when that is not enough (manager._pool_room).
 - KV blocks short (a sequence grows, a request is admitted): lent blocks come back, free ones first, then
   ones whose adapters no running sequence pins and no copy is filling (those adapters go back to their
   host copy), ones no queued request waits for first; up to the --kv-cache-memory bound. Only then does
@@ -48,6 +48,7 @@ class UnifiedMemory:
         self.max_lent = min(nb, max(1, self.pool.max_pages // self.pages_per_block))  # the --adapter-memory bound
         self.pool.max_pages = self.max_lent * self.pages_per_block  # what an adapter may take at most
         self.reserve = reserve
+        self._demand = 0  # blocks the running and next waiting sequences may still take (engine, each step)
         self.num_lent = 0  # blocks lent to the pool, counted over time
         self.num_reclaimed = 0  # blocks taken back
         self._blocks: dict = {}  # adapter entry -> (its pages tensor, the blocks they lie in)
@@ -79,7 +80,7 @@ class UnifiedMemory:
     def lend(self, pages_short: int) -> int:
         """Up to pages_short more pool pages from idle KV blocks -> pages granted."""
         k = -(-pages_short // self.pages_per_block)
-        k = min(k, self.max_lent - len(self.allocator.lent), self.allocator.num_free - self.reserve)
+        k = min(k, self.max_lent - len(self.allocator.lent), self.allocator.num_free - max(self.reserve, self._demand))
         if k <= 0:
             return 0
         blocks = self.allocator.lend(k)
@@ -88,9 +89,12 @@ class UnifiedMemory:
                   len(self.allocator.lent), self.pool.capacity)
         return len(blocks) * self.pages_per_block
 
-    def lend_idle(self) -> None:
-        """The engine thread, after scheduling: never-used free blocks beyond the reserve go to the pool."""
-        k = min(self.allocator.num_uncached_free - self.reserve, self.max_lent - len(self.allocator.lent))
+    def lend_idle(self, demand: int = 0) -> None:
+        """The engine thread, after scheduling: never-used free blocks beyond the reserve and `demand` (blocks the
+        running and first waiting sequences may still take) go to the pool."""
+        self._demand = demand  # what on-demand lending (lend) leaves to the cache too
+        k = min(self.allocator.num_uncached_free - max(self.reserve, demand),
+                self.max_lent - len(self.allocator.lent))
         if k > 0:
             with self.manager.lock:
                 self._grant(self.allocator.lend(k, cached=False))
@@ -106,7 +110,10 @@ class UnifiedMemory:
         want = min(blocks_short, self.kv_max_blocks - self.allocator.capacity)
         got: list[int] = []
         with self.manager.lock:
-            tried: set[int] = set()
+            for b in self._free_blocks(want):  # whole free blocks first: nothing to evict, nothing to scan
+                if self.pool.revoke(self.block_pages(b)):
+                    got.append(b)
+            tried: set[int] = set(got)
             while len(got) < want:
                 b, users = self._cheapest(tried)
                 if b is None:
@@ -122,6 +129,16 @@ class UnifiedMemory:
             log.debug("took %d KV blocks back from the adapter pool (%d still lent)", len(got),
                       len(self.allocator.lent))
         return len(got)
+
+    def _free_blocks(self, k: int) -> list[int]:
+        """Up to k lent blocks all of whose pages are free (read off the pool's free runs: ids are block-major)."""
+        ppb, out = self.pages_per_block, []
+        for start, length in self.pool.free_runs():
+            for b in range(-(-start // ppb), (start + length) // ppb):
+                out.append(b)
+                if len(out) == k:
+                    return out
+        return out
 
     def _cheapest(self, tried: set[int]):
         """The lent block cheapest to take back, and the device-resident adapters with pages in it: None if

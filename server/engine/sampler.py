@@ -1,10 +1,12 @@
 """Token selection for a batch of sequences with different sampling settings.
 
 Processing order follows transformers' `generate`: repetition penalty -> presence/frequency penalties
-(OpenAI's, over the generated tokens) -> tokens banned by min_tokens -> temperature -> top-k -> top-p,
-then greedy argmax or a draw. Greedy rows share one batched argmax. Sampled rows draw from their own
+(OpenAI's, over the generated tokens) -> tokens banned by min_tokens -> temperature -> the structured-output
+mask (one token bitmask for every constrained row, structured.py) -> top-k -> top-p, then greedy argmax or a
+draw. Greedy rows share one batched argmax. Sampled rows draw from their own
 `torch.Generator`, so a seeded request produces the same tokens whatever else shares its batch.
-Logprobs (when asked) are log-softmax of the logits after penalties and temperature, before the filters;
+Logprobs (when asked) are log-softmax of the logits after penalties, temperature and the structured-output
+mask, before the top-k/top-p filters;
 top_logprobs are the k largest of those.
 
 Fault isolation: a row whose logits are not finite, or whose own processing fails, gets an error in
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from server.engine.request import SamplingParams
+from server.engine.structured import apply_masks
 
 log = logging.getLogger("tessera.engine")
 
@@ -91,11 +94,12 @@ class Sampler:
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, states: list[SamplingState], token_ids: list[list[int]],
                  output_ids: list[list[int]] | None = None,
-                 banned: list[tuple[int, ...]] | None = None) -> SamplerOutput:
+                 banned: list[tuple[int, ...]] | None = None, grammars: list | None = None) -> SamplerOutput:
         """logits [B, V] -> the next token of every row, their logprobs, and the rows that failed.
 
         token_ids: each row's prompt + generated tokens (repetition penalty); output_ids: its generated tokens
-        (presence/frequency penalties; default token_ids); banned: token ids a row may not sample now."""
+        (presence/frequency penalties; default token_ids); banned: token ids a row may not sample now;
+        grammars: each row's GrammarState or None (structured output: the tokens it allows)."""
         logits = logits.float()
         output_ids = output_ids if output_ids is not None else token_ids
         errors: dict[int, str] = {}
@@ -123,6 +127,10 @@ class Sampler:
             logits = logits.clone()
             for i, row in rows.items():
                 logits[i] = row
+        if grammars is not None and any(g is not None for g in grammars):
+            if not rows:
+                logits = logits.clone()
+            errors.update(apply_masks(logits, [None if i in errors else g for i, g in enumerate(grammars)]))
         next_ids = logits.argmax(dim=-1)
         for i, st in enumerate(states):
             if st.generator is None or i in errors:

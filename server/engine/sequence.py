@@ -48,6 +48,7 @@ class Sequence:
     sampling_state: Any = None
     detokenizer: Any = None
     stop_matcher: Any = None
+    grammar: Any = None  # structured output: its GrammarState (server/engine/structured.py), else None
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_ids)

@@ -17,6 +17,7 @@ import torch
 from server.errors import AdapterLoadError
 from loader.adapters.lora import module_dims, random_lora, save_adapter
 from server.engine.request import GenerateRequest, SamplingParams
+from server.engine.structured import StructuredOutput
 
 log = logging.getLogger("tessera.engine")
 
@@ -36,6 +37,9 @@ def warm_up(engine) -> float:
     params = SamplingParams(max_new_tokens=3)
     requests = [GenerateRequest(prompt="Warm-up: the quick brown fox", sampling=params,
                                 request_id="tessera-warmup-base")]
+    # structured output: the tokenizer's grammar tables, a compilation and the token bitmask path
+    requests.append(GenerateRequest(prompt="Warm-up: JSON", sampling=params, request_id="tessera-warmup-json",
+                                    structured=StructuredOutput(json_object=True)))
     if engine.tokenizer.chat_template:
         requests.append(GenerateRequest(messages=[{"role": "user", "content": "Warm up."}], sampling=params,
                                         request_id="tessera-warmup-chat"))

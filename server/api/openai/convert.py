@@ -6,6 +6,7 @@ request get seed + i, so they differ but stay reproducible.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 import grpc
@@ -13,6 +14,7 @@ import grpc
 from server.api.openai.errors import ApiError
 from server.api.openai.protocol import MAX_STOP, ChatCompletionRequest, CompletionRequest, _Sampling
 from server.engine.request import FinishReason, GenerateRequest, RequestOutput, SamplingParams
+from server.engine.structured import StructuredOutput
 
 _FINISH = {FinishReason.EOS: "stop", FinishReason.STOP: "stop", FinishReason.LENGTH: "length",
            FinishReason.CANCELLED: "abort"}
@@ -38,6 +40,42 @@ def _stops(body: _Sampling) -> tuple[str, ...]:
     if any(s == "" for s in stops):
         raise _bad("stop strings must be non-empty", "stop")
     return stops
+
+
+def structured(body: _Sampling) -> StructuredOutput | None:
+    """response_format, vLLM's structured_outputs or its older guided_* fields -> one constraint (or None)."""
+    given: list[tuple[str, dict]] = []
+    rf = body.response_format
+    if rf is not None and rf.type == "json_object":
+        given.append(("response_format", {"json_object": True}))
+    elif rf is not None and rf.type == "json_schema":
+        if rf.json_schema is None or rf.json_schema.schema_ is None:
+            raise _bad("response_format json_schema needs json_schema.schema", "response_format.json_schema")
+        given.append(("response_format.json_schema.schema", {"json_schema": json.dumps(rf.json_schema.schema_)}))
+    so = body.structured_outputs
+    if so is not None:
+        for field_name, key in (("json_", "json_schema"), ("json_object", "json_object"), ("regex", "regex"),
+                                ("choice", "choice"), ("grammar", "grammar")):
+            v = getattr(so, field_name)
+            if v is None or v is False:
+                continue
+            if key == "json_schema" and not isinstance(v, str):
+                v = json.dumps(v)
+            given.append((f"structured_outputs.{field_name.rstrip('_')}", {key: v}))
+    for name, key in (("guided_json", "json_schema"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                      ("guided_grammar", "grammar")):
+        v = getattr(body, name)
+        if v is not None:
+            given.append((name, {key: v if isinstance(v, (str, list)) else json.dumps(v)}))
+    if not given:
+        return None
+    if len(given) > 1:
+        raise _bad(f"give one output constraint, got {', '.join(n for n, _ in given)}", given[1][0])
+    name, kw = given[0]
+    try:
+        return StructuredOutput(**kw, field=name)
+    except ValueError as exc:
+        raise _bad(str(exc), name) from None
 
 
 def _sampling(body: _Sampling, max_tokens: int | None, default_max: int, logprobs: bool, top: int,
@@ -90,6 +128,7 @@ def completion_plan(body: CompletionRequest, adapter_id: str | None, default_max
     if len(prompts) * body.n > 16:
         raise _bad(f"{len(prompts)} prompts x n={body.n} is over 16 choices", "n")
     logprobs = body.logprobs is not None
+    constraint = structured(body)
     plan = Plan([], [])
     for pi, prompt in enumerate(prompts):
         if isinstance(prompt, (str, list)) and len(prompt) == 0:
@@ -99,7 +138,7 @@ def completion_plan(body: CompletionRequest, adapter_id: str | None, default_max
         for i in range(body.n):
             kw = {"prompt": prompt} if isinstance(prompt, str) else {"prompt_token_ids": prompt}
             plan.requests.append(GenerateRequest(
-                **kw, adapter_id=adapter_id,
+                **kw, adapter_id=adapter_id, structured=constraint,
                 sampling=_sampling(body, body.max_tokens, default_max, logprobs, body.logprobs or 0, i)))
             plan.prompt_index.append(pi)
             if body.echo:
@@ -123,16 +162,14 @@ def chat_plan(body: ChatCompletionRequest, adapter_id: str | None, default_max: 
     _refuse_unsupported(body)
     if body.tools:
         raise _bad("tools (function calling) are not supported by this server", "tools")
-    if body.response_format is not None and body.response_format.type != "text":
-        raise _bad(f"response_format {body.response_format.type!r} is not supported by this server yet",
-                   "response_format")
     if body.top_logprobs and not body.logprobs:
         raise _bad("top_logprobs needs logprobs: true", "top_logprobs")
     messages = [{"role": m.role, "content": _content(m, i)} for i, m in enumerate(body.messages)]
+    constraint = structured(body)
     plan = Plan([], [])
     for i in range(body.n):
         plan.requests.append(GenerateRequest(
-            messages=messages, adapter_id=adapter_id,
+            messages=messages, adapter_id=adapter_id, structured=constraint,
             sampling=_sampling(body, body.max_completion_tokens or body.max_tokens, default_max, body.logprobs,
                                body.top_logprobs or 0, i)))
         plan.prompt_index.append(0)

@@ -1,7 +1,8 @@
 """Request bodies of the OpenAI-compatible API, as pydantic models (they make `/openapi.json`).
 
 Field names and meanings are OpenAI's, plus the extensions vLLM users send (`top_k`, `min_tokens`,
-`repetition_penalty`, `ignore_eos`, `stop_token_ids`, `return_token_ids`). Unknown fields are ignored, as
+`repetition_penalty`, `ignore_eos`, `stop_token_ids`, `return_token_ids`, `structured_outputs` and its older
+`guided_*` names). Unknown fields are ignored, as
 OpenAI and vLLM do; known fields this server does not implement are refused by name (convert.py), never
 silently dropped. Responses are plain dicts built in convert.py (one per streamed token: no model
 validation on the hot path).
@@ -53,6 +54,14 @@ class _Sampling(_Body):
                                    "prompt_token_ids in the response")
     logit_bias: Optional[dict[str, float]] = Field(None, description="not supported: refused when set")
     best_of: Optional[int] = Field(None, description="not supported beyond 1")
+    response_format: Optional["ResponseFormat"] = Field(None, description="json_object or json_schema constrains "
+                                                        "the output")
+    structured_outputs: Optional["StructuredOutputs"] = Field(None, description="vLLM's extension: json, "
+                                                              "json_object, regex, choice or grammar")
+    guided_json: Optional[Union[dict, str]] = Field(None, description="vLLM's older name of structured_outputs.json")
+    guided_regex: Optional[str] = None
+    guided_choice: Optional[list[str]] = None
+    guided_grammar: Optional[str] = None
 
 
 class CompletionRequest(_Sampling):
@@ -75,8 +84,26 @@ class ChatMessage(_Body):
     name: Optional[str] = None
 
 
+class JsonSchemaFormat(_Body):
+    name: Optional[str] = None
+    description: Optional[str] = None
+    schema_: Optional[Union[dict, bool]] = Field(None, alias="schema", description="the JSON Schema")
+    strict: Optional[bool] = None
+
+
 class ResponseFormat(_Body):
     type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaFormat] = None
+
+
+class StructuredOutputs(_Body):
+    """vLLM's `structured_outputs` extension: exactly one of these."""
+
+    json_: Optional[Union[dict, bool, str]] = Field(None, alias="json", description="a JSON Schema (object or text)")
+    json_object: Optional[bool] = None
+    regex: Optional[str] = None
+    choice: Optional[list[str]] = None
+    grammar: Optional[str] = Field(None, description="an EBNF grammar (start rule `root`)")
 
 
 class ChatCompletionRequest(_Sampling):
@@ -84,7 +111,6 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: Optional[int] = Field(None, ge=1, description="takes precedence over max_tokens")
     logprobs: bool = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    response_format: Optional[ResponseFormat] = None
     tools: Optional[list[dict]] = Field(None, description="not supported: refused when non-empty")
 
 
@@ -95,3 +121,8 @@ class LoadLoraRequest(_Body):
 
 class UnloadLoraRequest(_Body):
     lora_name: str = Field(min_length=1)
+
+
+_Sampling.model_rebuild()
+CompletionRequest.model_rebuild()
+ChatCompletionRequest.model_rebuild()

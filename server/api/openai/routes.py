@@ -117,8 +117,8 @@ def create_app(frontend: Frontend) -> FastAPI:
     def engine_error(exc: Exception, model_param: bool) -> ApiError:
         code = status_for(exc)
         adapter = isinstance(exc, AdapterLoadError) or code is grpc.StatusCode.NOT_FOUND
-        return ApiError(code, str(exc), "model" if (adapter and model_param) else None,
-                        "model_not_found" if code is grpc.StatusCode.NOT_FOUND else None)
+        param = "model" if (adapter and model_param) else getattr(exc, "param", None)
+        return ApiError(code, str(exc), param, "model_not_found" if code is grpc.StatusCode.NOT_FOUND else None)
 
     def adapter_of(model: str | None) -> str | None:
         return None if model in (None, "", frontend.served_model_name) else model
