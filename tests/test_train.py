@@ -79,18 +79,30 @@ def test_demo_lora_halves_validation_loss_quickly(demo_lora):
         "conversational prompt/completion": (240, "chat")}  # 200 training + 40 validation rows
 
 
-def _generate(stub, adapter: str, prompt: str) -> str:
+DEMO_SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
+                                                "city": {"type": "string"}},
+               "required": ["name", "age", "city"], "additionalProperties": False}
+
+
+def _generate(stub, adapter: str, prompt: str, schema: dict | None = None) -> str:
     req = pb.GenerateRequest(adapter_id=adapter, messages=[pb.Message(role="user", content=prompt)], max_new_tokens=40)
+    if schema is not None:
+        req.structured_output.json_schema = json.dumps(schema)
     return "".join(m.text for m in stub.Generate(req, timeout=600)).strip()
 
 
 def test_demo_lora_served_over_grpc_does_the_held_out_task(demo_lora, tmp_path):
+    """...and with the task's JSON schema as a structured-output constraint (issue 20): every output is valid
+    and the held-out exact match is at least as high."""
+    import jsonschema
+
     out, _ = demo_lora
     server = ServerProcess(tmp_path, "--adapter-root", str(out.parent))
     try:
         with ThreadPoolExecutor(16) as pool:
             tuned = list(pool.map(lambda p: _generate(server.stub, out.name, p), PROMPTS))
             plain = list(pool.map(lambda p: _generate(server.stub, "", p), PROMPTS))
+            constrained = list(pool.map(lambda p: _generate(server.stub, out.name, p, DEMO_SCHEMA), PROMPTS))
     finally:
         assert server.stop() == 0
     want = [r["completion"][0]["content"] for r in VALID]
@@ -98,6 +110,9 @@ def test_demo_lora_served_over_grpc_does_the_held_out_task(demo_lora, tmp_path):
     plain_ok = sum(a == b for a, b in zip(plain, want))
     assert tuned_ok >= 0.8 * len(VALID), list(zip(tuned, want))[:5]
     assert plain_ok <= 0.25 * len(VALID), plain[:5]
+    for text in constrained:
+        jsonschema.validate(json.loads(text), DEMO_SCHEMA)
+    assert sum(a == b for a, b in zip(constrained, want)) >= tuned_ok
 
 
 def test_demo_lora_loads_in_peft_with_equal_logits(demo_lora, base):
