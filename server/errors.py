@@ -25,6 +25,15 @@ class AdapterLoadError(Exception):
         # no_room only because requests hold other adapters now: it would fit once they finish
         self.retry_when_idle = False
 
+    def __reduce__(self):  # picklable (Ray Serve sends a replica's errors to its ingress)
+        return _adapter_load_error, (self.reason, str(self), self.retry_when_idle)
+
+
+def _adapter_load_error(reason: str, message: str, retry_when_idle: bool) -> AdapterLoadError:
+    e = AdapterLoadError(reason, message)
+    e.retry_when_idle = retry_when_idle
+    return e
+
 
 # -- the engine's callers --------------------------------------------------------------------------------------
 class EngineError(Exception):
@@ -38,6 +47,9 @@ class InvalidRequestError(EngineError, ValueError):
     def __init__(self, message: str, param: str | None = None):
         super().__init__(message)
         self.param = param
+
+    def __reduce__(self):
+        return type(self), (str(self), self.param)
 
 
 class QueueFullError(EngineError):
