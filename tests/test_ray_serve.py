@@ -5,6 +5,7 @@ are served by the replica that loaded it (the x-tessera-replica header, the tess
 killing one replica's actor process leaves the other serving, and Ray starts a replacement."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -105,6 +106,18 @@ def over_http(c, adapter):
     return r.json()["choices"][0]["token_ids"], r.headers["x-tessera-replica"]
 
 
+def over_http_streaming(c, adapter):
+    ids = []
+    with httpx.stream("POST", f"{c.base}/v1/completions", timeout=300, json={
+            "model": adapter, "prompt": PROMPT, "max_tokens": N, "temperature": 0, "stream": True,
+            "return_token_ids": True}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                ids += json.loads(line[6:])["choices"][0].get("token_ids") or []
+        return ids, r.headers["x-tessera-replica"]
+
+
 def over_grpc(c, adapter):
     call = c.stub.Generate(pb.GenerateRequest(prompt=PROMPT, adapter_id=adapter or "", max_new_tokens=N),
                            timeout=300)
@@ -120,6 +133,8 @@ def test_adapter_affinity_over_http_and_grpc_and_a_replica_killed(cluster, want)
             assert ids == want[adapter], (adapter, rnd)
             served.setdefault(adapter, []).append(replica)
     assert over_http(cluster, None)[0] == want[None] and over_grpc(cluster, None)[0] == want[None]
+    streamed, replica = over_http_streaming(cluster, ADAPTERS[0])  # SSE through the ingress
+    assert streamed == want[ADAPTERS[0]] and replica == served[ADAPTERS[0]][0]
     for adapter, replicas in served.items():  # the first request's replica loaded it; the later ones go there
         assert all(r == replicas[0] for r in replicas), served
     assert len({r[-1] for r in served.values()}) == 2, served  # both replicas hold adapters
