@@ -101,7 +101,7 @@ def test_demo_lora_served_over_grpc_does_the_held_out_task(demo_lora, tmp_path):
     try:
         with ThreadPoolExecutor(16) as pool:
             tuned = list(pool.map(lambda p: _generate(server.stub, out.name, p), PROMPTS))
-            plain = list(pool.map(lambda p: _generate(server.stub, "", p), PROMPTS))
+            plain = list(pool.map(lambda p: _generate(server.stub, "", p), PROMPTS[:20]))  # the base: 20 suffice
             constrained = list(pool.map(lambda p: _generate(server.stub, out.name, p, DEMO_SCHEMA), PROMPTS))
     finally:
         assert server.stop() == 0
@@ -109,7 +109,7 @@ def test_demo_lora_served_over_grpc_does_the_held_out_task(demo_lora, tmp_path):
     tuned_ok = sum(a == b for a, b in zip(tuned, want))
     plain_ok = sum(a == b for a, b in zip(plain, want))
     assert tuned_ok >= 0.8 * len(VALID), list(zip(tuned, want))[:5]
-    assert plain_ok <= 0.25 * len(VALID), plain[:5]
+    assert plain_ok <= 0.25 * len(plain), plain[:5]
     for text in constrained:
         jsonschema.validate(json.loads(text), DEMO_SCHEMA)
     assert sum(a == b for a, b in zip(constrained, want)) >= tuned_ok
