@@ -50,6 +50,15 @@ def _cfg(method: str, out: Path, **kw) -> TrainConfig:
     return TrainConfig(**args, explicit=set(kw))
 
 
+@pytest.fixture(autouse=True)
+def _one_read_of_the_model(monkeypatch):
+    """train() in this process reads the model through the session's copy (tests/smollm2.py) instead of parsing
+    the GGUF again for every run (about 4 s each); models never modify what they were built from."""
+    from server.train import trainer
+
+    monkeypatch.setattr(trainer, "load_base_model", smollm2.loaded)
+
+
 @pytest.fixture(scope="module")
 def base():
     loaded = smollm2.loaded(None, keep_quantized=False)  # the session's copy
