@@ -160,14 +160,21 @@ def configs(args: argparse.Namespace):
     return engine, server
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+def parse(parser: argparse.ArgumentParser, argv: list[str] | None):
+    """Flags -> (args, EngineConfig, ServerConfig), logging set up; a bad configuration exits with the reason
+    (`python -m server` and `python -m server.ray` alike)."""
+    args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         engine_cfg, server_cfg = configs(args)
     except ValueError as exc:
         raise SystemExit(f"bad configuration: {exc}") from None
+    return args, engine_cfg, server_cfg
+
+
+def main(argv: list[str] | None = None) -> None:
+    _, engine_cfg, server_cfg = parse(build_parser(), argv)
     from server.api.app import serve
 
     asyncio.run(serve(engine_cfg, server_cfg))

@@ -72,10 +72,6 @@ class UnifiedMemory:
         block, i = pages // self.pages_per_block, pages % self.pages_per_block
         return ((i // self._pps) * self._nb + block) * self._pps + i % self._pps
 
-    @property
-    def adapter_bytes(self) -> int:
-        return self.pool.nbytes
-
     # -- adapter pages short: lend idle KV blocks (the manager's lock is held) ------------------------------
     def lend(self, pages_short: int) -> int:
         """Up to pages_short more pool pages from idle KV blocks -> pages granted."""

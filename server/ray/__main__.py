@@ -7,10 +7,9 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import sys
 import threading
 
-from server.cli import build_parser, configs
+from server.cli import build_parser, parse
 
 log = logging.getLogger("tessera.ray")
 
@@ -30,13 +29,7 @@ def parser():
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        engine_cfg, server_cfg = configs(args)
-    except ValueError as exc:
-        raise SystemExit(f"bad configuration: {exc}") from None
+    args, engine_cfg, server_cfg = parse(parser(), argv)
     if args.replicas < 1 or args.max_adapters_per_replica < 1:
         raise SystemExit("--replicas and --max-adapters-per-replica must be >= 1")
     import ray
