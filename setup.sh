@@ -4,11 +4,12 @@
 #   The install compiles the C++ CPU kernels (kernels/cpu/*.cpp) against that torch, in place, for this
 #   machine's CPU (-march=native; TESSERA_CPU_ARCH=x86-64-v3 for a portable build): rerun this script
 #   after editing them. --no-build-isolation: the build uses the venv's torch, never resolves its own.
+#   --no-cache-dir: wheels are not kept a second time in pip's cache (CI disks can be nearly full).
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-PIP=".venv/bin/python -m pip --disable-pip-version-check -q"
+PIP=".venv/bin/python -m pip --disable-pip-version-check --no-cache-dir -q"
 $PIP install "torch==${TORCH_VERSION:-2.13.0}" "setuptools>=77"
 if [ "${1:-}" = "--test" ]; then
   $PIP install --no-build-isolation -e ".[test]"
