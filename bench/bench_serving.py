@@ -98,9 +98,11 @@ def popularity(names: list[str], spec: str, n: int, rnd: random.Random) -> list[
 
 
 def workload(args, names: list[str]) -> list[Job]:
+    """The same seed gives the same arrivals, prompts and lengths whatever the adapter set (the picks draw
+    from their own generator), so runs over 5 and 1000 adapters differ only in which adapter each request names."""
     rnd = random.Random(args.seed)
     times = arrivals(args.num_requests, args.request_rate, args.burstiness, rnd)
-    picks = popularity(names, args.popularity, args.num_requests, rnd)
+    picks = popularity(names, args.popularity, args.num_requests, random.Random(f"{args.seed}/adapters"))
     jobs = []
     for i, (t, a) in enumerate(zip(times, picks)):
         n_in = max(1, round(args.input_len * rnd.uniform(1 - args.range_ratio, 1 + args.range_ratio)))
@@ -114,6 +116,7 @@ def workload(args, names: list[str]) -> list[Job]:
 def make_adapters(args) -> list[str]:
     if args.num_adapters == 0:
         return []
+    seed = args.seed if args.adapter_seed is None else args.adapter_seed
     import torch
 
     from loader.adapters.lora import random_lora, save_adapter
@@ -134,12 +137,12 @@ def make_adapters(args) -> list[str]:
     for i in range(args.num_adapters):
         rank = ranks[i % len(ranks)]
         dt = "" if args.adapter_dtype == "float32" else f"-{args.adapter_dtype}"
-        name = f"s{args.seed}-r{rank}-{'-'.join(m.removesuffix('_proj') for m in modules)}{dt}-{i:05d}"
+        name = f"s{seed}-r{rank}-{'-'.join(m.removesuffix('_proj') for m in modules)}{dt}-{i:05d}"
         names.append(name)
         out = root / name
         if (out / "adapter_model.safetensors").exists():
             continue
-        tensors = random_lora(cfg, rank, modules, torch.Generator().manual_seed(args.seed * 100003 + i), None, 0.02)
+        tensors = random_lora(cfg, rank, modules, torch.Generator().manual_seed(seed * 100003 + i), None, 0.02)
         tensors = {k: v.to(getattr(torch, args.adapter_dtype)) for k, v in tensors.items()}
         save_adapter(out, {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank,
                            "target_modules": modules, "bias": "none", "lora_dropout": 0.0}, tensors)
@@ -339,7 +342,12 @@ def main() -> None:
     ap.add_argument("--num-requests", type=int, default=200)
     ap.add_argument("--duration", type=float, default=None, help="instead of --num-requests: rate x duration")
     ap.add_argument("--max-concurrency", type=int, default=None, help="cap on requests in flight")
-    ap.add_argument("--num-adapters", type=int, default=5)
+    ap.add_argument("--num-adapters", default="5", help="N, or N1,N2,... for rounds over each set interleaved on "
+                    "one server (the first N adapters of the largest set; ratios against the first)")
+    ap.add_argument("--adapter-seed", type=int, default=None, help="which adapters to generate (default: --seed)")
+    ap.add_argument("--warmup-adapters", action="store_true", help="before the rounds, one 1-token request per "
+                    "adapter, 4 at a time, so every adapter is in host memory as in S-LoRA's experiment (size "
+                    "--adapter-host-memory for them)")
     ap.add_argument("--popularity", default="uniform", help="uniform | zipf:S | cycle")
     ap.add_argument("--ranks", default="8,16,32,64")
     ap.add_argument("--target-modules", default="q_proj,k_proj,v_proj,o_proj")
@@ -368,6 +376,8 @@ def main() -> None:
             raise SystemExit("--duration needs a finite --request-rate")
         args.num_requests = max(1, round(args.request_rate * args.duration))
 
+    counts = [int(n) for n in str(args.num_adapters).split(",")]
+    args.num_adapters = max(counts)
     names = make_adapters(args)
     procs, runs = [], []
     try:
@@ -382,20 +392,27 @@ def main() -> None:
                                                          "load_adapters": True})]
         else:
             backends = [(args.backend, {})]
-        for rnd in range(args.rounds if args.peer else 1):
+        if args.warmup_adapters:
             for backend, over in backends:
-                a = argparse.Namespace(**{**vars(args), "backend": backend, **over})
-                if rnd > 0:
-                    a.load_adapters, a.warmup = False, 0
-                summary, ev = run_once(a, names)
-                label = (f"{'round ' + str(rnd) + ': ' if args.peer else ''}{backend}, {args.num_adapters} adapters "
-                         f"({args.popularity}, ranks {args.ranks}), rate {args.request_rate:g}/s (burstiness "
-                         f"{args.burstiness:g}), in {args.input_len} / out {args.output_len}")
-                print_table(label, summary, ev)
-                runs.append((rnd, backend, summary))
-                if args.jsonl:
-                    with open(args.jsonl, "a") as f:
-                        f.write(json.dumps({"type": "summary", "label": label, **summary, "tiers": ev}) + "\n")
+                warm_all(argparse.Namespace(**{**vars(args), "backend": backend, **over}), names)
+        multi = args.peer or len(counts) > 1
+        for rnd in range(args.rounds if multi else 1):
+            for backend, over in backends:
+                for n in counts:
+                    a = argparse.Namespace(**{**vars(args), "backend": backend, "num_adapters": n, **over})
+                    if rnd > 0 or args.warmup_adapters:
+                        a.load_adapters = False
+                    if rnd > 0:
+                        a.warmup = 0
+                    summary, ev = run_once(a, names[:n])
+                    label = (f"{'round ' + str(rnd) + ': ' if multi else ''}{backend}, {n} adapters "
+                             f"({args.popularity}, ranks {args.ranks}), rate {args.request_rate:g}/s (burstiness "
+                             f"{args.burstiness:g}), in {args.input_len} / out {args.output_len}")
+                    print_table(label, summary, ev)
+                    runs.append((rnd, backend, n, summary))
+                    if args.jsonl:
+                        with open(args.jsonl, "a") as f:
+                            f.write(json.dumps({"type": "summary", "label": label, **summary, "tiers": ev}) + "\n")
     finally:
         for proc in procs:
             proc.send_signal(signal.SIGTERM)
@@ -404,11 +421,32 @@ def main() -> None:
         print("\n| round | Tessera / vLLM req/s | tok/s | TTFT p50 | TTFT p99 | TPOT p50 | failed (T / vLLM) |")
         print("|---:|---:|---:|---:|---:|---:|---|")
         for rnd in range(args.rounds):
-            t = next(s for r, b, s in runs if r == rnd and b == "tessera-grpc")
-            v = next(s for r, b, s in runs if r == rnd and b == "openai")
+            t = next(s for r, b, n, s in runs if r == rnd and b == "tessera-grpc")
+            v = next(s for r, b, n, s in runs if r == rnd and b == "openai")
             q = lambda k: t[k] / v[k] if v[k] else float("nan")  # noqa: E731
             print(f"| {rnd} | {q('req_s'):.2f}x | {q('tok_s'):.2f}x | {q('ttft_p50'):.2f}x | {q('ttft_p99'):.2f}x | "
                   f"{q('tpot_p50'):.2f}x | {t['requests'] - t['completed']} / {v['requests'] - v['completed']} |")
+    if len(counts) > 1 and not args.peer:
+        print(f"\n| round | adapters | req/s | vs {counts[0]} | TTFT p99 | vs {counts[0]} | TPOT p50 | failed |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for rnd, _, n, s in runs:
+            b = next(x for r, _, m, x in runs if r == rnd and m == counts[0])
+            print(f"| {rnd} | {n} | {s['req_s']:.2f} | {s['req_s'] / b['req_s']:.3f}x | {s['ttft_p99']:.3f} | "
+                  f"{s['ttft_p99'] / b['ttft_p99']:.2f}x | {s['tpot_p50']:.4f} | {s['requests'] - s['completed']} |")
+
+
+def warm_all(args, names: list[str]) -> None:
+    """One 1-token request per adapter, 4 in flight: every adapter read from disk into host memory before
+    the timed rounds (S-LoRA keeps all adapters in host memory and fetches them to the device on demand)."""
+    if not names:
+        return
+    t0 = time.perf_counter()
+    jobs = [Job(i, 0.0, n, f"Warm-up {i}: hello", 1) for i, n in enumerate(names)]
+    w = argparse.Namespace(**{**vars(args), "max_concurrency": 4})
+    records, _ = asyncio.run(drive(w, jobs, names))
+    bad = [r for r in records if not r.ok]
+    print(f"warmed up {len(names) - len(bad)} adapters ({args.backend}) in {time.perf_counter() - t0:.1f}s"
+          + (f"; {len(bad)} failed: {bad[0].code}" if bad else ""), flush=True)
 
 
 def run_once(args, names: list[str]) -> tuple[dict, dict]:

@@ -31,6 +31,7 @@ from server.api.wire import add_inference_service
 from server.config import EngineConfig
 from server.engine.async_engine import AsyncEngine
 from server.engine.warmup import warm_up
+from server.gc_heap import freeze_startup_heap
 from server.metrics import Metrics
 
 log = logging.getLogger("tessera.server")
@@ -135,6 +136,7 @@ async def serve(engine_cfg: EngineConfig, cfg: ServerConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    freeze_startup_heap()  # before SERVING: collections never walk what startup built
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("serving %s on %s:%d (%s)", engine.model_config.name, cfg.host, port, "TLS" if creds else "plaintext")

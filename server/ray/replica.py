@@ -17,6 +17,7 @@ from server.config import EngineConfig
 from server.engine.async_engine import AsyncEngine
 from server.engine.request import GenerateRequest
 from server.engine.warmup import warm_up
+from server.gc_heap import freeze_startup_heap
 
 log = logging.getLogger("tessera.ray")
 
@@ -48,6 +49,7 @@ class TesseraReplica:
         ctx = serve.get_replica_context()
         self.name = f"{ctx.replica_id.unique_id}@{socket.gethostname()}:{os.getpid()}"
         self._started = False
+        freeze_startup_heap()  # before the replica reports ready: collections never walk what startup built
         log.info("replica %s ready", self.name)
 
     async def _start(self) -> None:
