@@ -103,7 +103,7 @@ class Sampler:
         logits = logits.float()
         output_ids = output_ids if output_ids is not None else token_ids
         errors: dict[int, str] = {}
-        bad = (~torch.isfinite(logits).all(dim=-1)).nonzero().flatten().tolist()
+        bad = _nonfinite_rows(logits)
         for i in bad:
             errors[i] = "the model produced non-finite logits for this sequence"
         rows: dict[int, torch.Tensor] = {}  # processed rows that differ from the raw logits
@@ -149,6 +149,14 @@ class Sampler:
                 top = lsm.topk(min(k, lsm.shape[-1]), dim=-1)
                 out.top_logprobs, out.top_ids = top.values.cpu(), top.indices.cpu()
         return out
+
+
+def _nonfinite_rows(logits: torch.Tensor) -> list[int]:
+    """Rows with a NaN or an infinity. A row sum is non-finite whenever the row is (NaN and inf propagate), so
+    one reduction screens the batch and only suspect rows (a finite row whose sum overflows, too) are checked
+    element by element: a third of the cost of isfinite over [B, V]."""
+    suspect = (~torch.isfinite(logits.sum(dim=-1))).nonzero().flatten().tolist()
+    return [i for i in suspect if not bool(torch.isfinite(logits[i]).all())]
 
 
 def _row_error(row: int, stage: str, exc: Exception) -> str:
