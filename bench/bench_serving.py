@@ -400,6 +400,8 @@ def main() -> None:
             for backend, over in backends:
                 for n in counts:
                     a = argparse.Namespace(**{**vars(args), "backend": backend, "num_adapters": n, **over})
+                    if len(counts) > 1:  # a new draw each round, the same for every N in it: the adapters a
+                        a.seed = args.seed + rnd  # round names are not left in the device pool by the round before
                     if rnd > 0 or args.warmup_adapters:
                         a.load_adapters = False
                     if rnd > 0:

@@ -415,13 +415,15 @@ class AdapterManager:
         takes what a request needs). False if there is not enough room even then."""
         if lend and self.lend is not None and self.pool.num_free < need:
             self.lend(need - self.pool.num_free)
-        while self.pool.num_free < need:
-            victims = [v for v in self.entries.values() if v.device is not None and v.pins == 0 and v is not keep
-                       and (evict_held or v.refs == 0)]
-            if not victims:
-                return False
-            self._evict(min(victims, key=lambda v: (v.refs > 0, v.last_used)))
-        return True
+        if self.pool.num_free >= need:
+            return True
+        victims = sorted((v for v in self.entries.values() if v.device is not None and v.pins == 0 and v is not keep
+                          and (evict_held or v.refs == 0)), key=lambda v: (v.refs > 0, v.last_used))
+        for v in victims:  # one pass over the registry, however many evictions the room takes
+            self._evict(v)
+            if self.pool.num_free >= need:
+                return True
+        return False
 
     def _evict(self, e: AdapterEntry) -> None:
         self.pool.free(e.pages)

@@ -31,7 +31,7 @@ from server.api.wire import add_inference_service
 from server.config import EngineConfig
 from server.engine.async_engine import AsyncEngine
 from server.engine.warmup import warm_up
-from server.gc_heap import freeze_startup_heap
+from server.interpreter import freeze_startup_heap
 from server.metrics import Metrics
 
 log = logging.getLogger("tessera.server")

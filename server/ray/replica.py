@@ -17,7 +17,7 @@ from server.config import EngineConfig
 from server.engine.async_engine import AsyncEngine
 from server.engine.request import GenerateRequest
 from server.engine.warmup import warm_up
-from server.gc_heap import freeze_startup_heap
+from server.interpreter import freeze_startup_heap
 
 log = logging.getLogger("tessera.ray")
 
