@@ -18,17 +18,16 @@ import time
 
 log = logging.getLogger("tessera.gc")
 
-
-
 SLOW_COLLECTION_S = 0.05  # a collection longer than this is logged: it held the GIL that long
-_started: list[float] = []
+_collection_start: float | None = None
 
 
 def _time_collections(phase: str, info: dict) -> None:
+    global _collection_start
     if phase == "start":
-        _started[:] = [time.perf_counter()]
-    elif _started:
-        took = time.perf_counter() - _started[0]
+        _collection_start = time.perf_counter()
+    elif _collection_start is not None:
+        took = time.perf_counter() - _collection_start
         if took > SLOW_COLLECTION_S:
             log.warning("garbage collection of generation %d took %.0f ms (%d objects collected); the engine "
                         "thread waited for the GIL meanwhile", info.get("generation", -1), took * 1e3,

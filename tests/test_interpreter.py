@@ -1,4 +1,4 @@
-"""The serving process freezes its startup heap (server.interpreter.py): full collections no longer walk the
+"""The serving process freezes its startup heap (server/interpreter.py): full collections no longer walk the
 objects that existed before SERVING, while garbage made afterwards is still collected."""
 import gc
 import weakref
@@ -15,10 +15,8 @@ class Node:
 
 @pytest.fixture
 def restore_gc():
-    threshold = gc.get_threshold()
     yield
     gc.unfreeze()
-    gc.set_threshold(*threshold)
     gc.callbacks[:] = [c for c in gc.callbacks if getattr(c, "__module__", "") != "server.interpreter"]
 
 
@@ -28,7 +26,7 @@ def test_startup_objects_leave_the_collectors_generations_and_later_cycles_are_s
     assert frozen >= 100 and gc.get_freeze_count() == frozen
     tracked = {id(o) for o in gc.get_objects()}  # the permanent generation is not among them
     assert not any(id(o) in tracked for o in startup)
-    assert any(getattr(c, '__module__', '') == 'server.interpreter' for c in gc.callbacks)  # slow ones are logged
+    assert any(getattr(c, "__module__", "") == "server.interpreter" for c in gc.callbacks)  # slow ones are logged
 
     a, b = Node(), Node()  # a cycle made after the freeze: only the collector can free it
     a.other, b.other = b, a
