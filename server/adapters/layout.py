@@ -6,12 +6,18 @@ slice's Bt rows (already multiplied by the scale; DoRA's g folded in by the load
     h = x @ A_cat.T          one shrink for all slices of the fused layer   [n, sum r]
     y[:, slice] += h[:, r0:r1] @ Bt_slice                                    one expand per slice
 Making an adapter resident is then one copy of that buffer into its pages.
-For the Triton kernels the same layout is described by one int32 row per fused layer
-(kernels/lora.py: DESC_FIELDS) with offsets in the adapter's virtual pages, read through its page table.
+The layout itself is one int32 row per fused layer (kernels/lora.py: DESC_FIELDS), offsets in the
+adapter's virtual pages, which the kernels read through its page table. That tensor is all an adapter
+keeps of its layout: the per-slice view (`groups`: GroupLayout / ResidentGroup) is derived from it and
+the model's Linear shapes on demand, for the torch path and DoRA only. A thousand adapters in host
+memory are then a few thousand objects for the garbage collector, not a few hundred thousand (a full
+collection walks every tracked object while holding the GIL the engine thread needs).
 """
 from __future__ import annotations
 
+import functools
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +26,30 @@ from kernels.lora import DESC_FIELDS
 from loader.adapters.lora import _PARENT, LoraAdapter
 from server.adapters.pool import PagePool
 from server.errors import AdapterLoadError
+
+
+@dataclass(frozen=True)
+class LinearShape:
+    """One fused Linear of the model, as the layout needs it (shared by every adapter)."""
+    layer: int
+    slice_names: tuple[str, ...]
+    slice_cols: tuple[tuple[int, int], ...]  # output columns of each slice in the fused layer
+    in_features: int
+
+
+_SHAPES: "weakref.WeakKeyDictionary[object, tuple[LinearShape, ...]]" = weakref.WeakKeyDictionary()
+
+
+def linear_shapes(model) -> tuple[LinearShape, ...]:
+    """The model's fused Linears in kernel-key order (`Linear.key`), computed once per model."""
+    shapes = _SHAPES.get(model)
+    if shapes is None:
+        lins = sorted(model.linears(), key=lambda lin: lin.key)
+        shapes = tuple(LinearShape(lin.layer_idx, tuple(lin.slice_names),
+                                   tuple(tuple(lin.slice_offsets[n]) for n in lin.slice_names), lin.in_features)
+                       for lin in lins)
+        _SHAPES[model] = shapes
+    return shapes
 
 
 @dataclass
@@ -42,13 +72,40 @@ class GroupLayout:
     slices: list[SliceLayout]
 
 
-@dataclass
+def layout_groups(desc: torch.Tensor, shapes: tuple[LinearShape, ...], page_size: int,
+                  dora_g: dict[tuple[int, str], torch.Tensor] | None) -> dict[tuple[int, str], GroupLayout]:
+    """(layer, first slice name of the fused Linear) -> the layout of its adapted slices, read off `desc`."""
+    groups = {}
+    for key, row in enumerate(desc.tolist()):
+        if row[1] <= 0:
+            continue
+        shape = shapes[key]
+        slices = []
+        for j, name in enumerate(shape.slice_names):
+            bt0, r0, r1 = row[2 + 3 * j:5 + 3 * j]
+            if r1 <= r0:
+                continue
+            c0, c1 = shape.slice_cols[j]
+            slices.append(SliceLayout(name, (c0, c1), r0, r1, (bt0, bt0 + (r1 - r0) * (c1 - c0) // page_size), c1 - c0,
+                                      None if dora_g is None else dora_g.get((shape.layer, name))))
+        groups[(shape.layer, shape.slice_names[0])] = GroupLayout(
+            (row[0], row[0] + row[1] * shape.in_features // page_size), shape.in_features, row[1], slices)
+    return groups
+
+
+@dataclass(eq=False)
 class PackedAdapter:
     flat: torch.Tensor  # [num_pages * page_size], host memory
     num_pages: int
-    groups: dict[tuple[int, str], GroupLayout]  # (layer, first slice name of the fused Linear) -> layout
-    desc: torch.Tensor  # int32 [num Linears, DESC_FIELDS]: the same layout for the kernels
+    desc: torch.Tensor  # int32 [num Linears, DESC_FIELDS]: the layout (offsets in the adapter's own pages)
     max_rank: int  # the largest sum of ranks over fused layers (width of the kernels' h)
+    shapes: tuple[LinearShape, ...]  # the model's (shared)
+    page_size: int
+    dora_g: dict[tuple[int, str], torch.Tensor] | None = None  # (layer, slice name) -> DoRA's g, if any
+
+    @property
+    def groups(self) -> dict[tuple[int, str], GroupLayout]:
+        return layout_groups(self.desc, self.shapes, self.page_size, self.dora_g)
 
 
 def pack(adapter: LoraAdapter, model, page_size: int, pin: bool, dtype: torch.dtype | None = None) -> PackedAdapter:
@@ -58,7 +115,7 @@ def pack(adapter: LoraAdapter, model, page_size: int, pin: bool, dtype: torch.dt
     exact) and rounded once. One finiteness check over the whole buffer (NaN, infinity, or an overflow of the
     buffer's dtype) names the first bad module."""
     copies: list[tuple[int, torch.Tensor, float | None]] = []  # (element offset, source [rows, width], scale)
-    groups, at = {}, 0
+    at, max_rank, dora_g = 0, 0, {}
     by_linear: dict[tuple[int, str], list[str]] = {}
     desc = torch.zeros(len(model.linears()), DESC_FIELDS, dtype=torch.int32)
     for layer, mod in sorted(adapter.modules):
@@ -73,19 +130,18 @@ def pack(adapter: LoraAdapter, model, page_size: int, pin: bool, dtype: torch.dt
             copies.append((at * page_size, m.A, None))
             at += _pages(m.A, page_size)
             rows += m.rank
-        a_end, slices, r = at, [], 0
         d = desc[lin.key]
         d[0], d[1] = a_start, rows
+        r = 0
         for name, m in zip(mods, ms):
             copies.append((at * page_size, m.Bt, m.scale))
-            n = _pages(m.Bt, page_size)
             j = 2 + 3 * lin.slice_names.index(name)
             d[j], d[j + 1], d[j + 2] = at, r, r + m.rank
-            slices.append(SliceLayout(name, lin.slice_offsets[name], r, r + m.rank, (at, at + n), m.Bt.shape[1],
-                                      m.dora_g))
-            at += n
+            if m.dora_g is not None:
+                dora_g[(layer, name)] = m.dora_g
+            at += _pages(m.Bt, page_size)
             r += m.rank
-        groups[(layer, first)] = GroupLayout((a_start, a_end), ms[0].A.shape[1], r, slices)
+        max_rank = max(max_rank, rows)
     if dtype is None:
         dtype = copies[0][1].dtype if copies else torch.float32
     flat = torch.empty(at * page_size, dtype=dtype, pin_memory=pin)
@@ -98,8 +154,7 @@ def pack(adapter: LoraAdapter, model, page_size: int, pin: bool, dtype: torch.dt
         else:
             dst.copy_(src.float() * scale)
     _check_finite(adapter, flat)
-    max_rank = max((g.rank for g in groups.values()), default=0)
-    return PackedAdapter(flat, at, groups, desc, max_rank)
+    return PackedAdapter(flat, at, desc, max_rank, linear_shapes(model), page_size, dora_g or None)
 
 
 def _pages(t: torch.Tensor, page_size: int) -> int:
@@ -140,24 +195,28 @@ class ResidentGroup:
     slices: list[ResidentSlice]
 
 
-@dataclass
+@dataclass(eq=False)
 class Resident:
-    """An adapter in device pages: views for the torch path, page table + descriptors for the kernels."""
-    groups: dict[tuple[int, str], ResidentGroup]
+    """An adapter in device pages: page table + descriptors for the kernels (all a step reads), and the
+    per-slice pool views for the torch path, built on first use."""
     page_table: torch.Tensor  # int32 [num_pages] on the device: virtual page -> pool page
     desc: torch.Tensor  # int32 [num Linears, DESC_FIELDS] on the device
     max_rank: int
     adapted: frozenset[int]  # keys of the Linears this adapter targets
     has_dora: bool
+    packed: PackedAdapter  # its host form: the layout the views follow
+    buffer: torch.Tensor  # the pool's [pages, page_size] buffer
+
+    @functools.cached_property
+    def groups(self) -> dict[tuple[int, str], ResidentGroup]:
+        """(layer, first slice name) -> the pool views and page ids of its slices (torch path, DoRA)."""
+        return resident_groups(self.packed, self.buffer, self.page_table)
 
 
-def place(packed: PackedAdapter, pool: PagePool, pages: torch.Tensor, device: torch.device) -> Resident:
-    """Copy the packed buffer into `pages` of the pool and build the views and kernel metadata."""
-    pool.write(pages, packed.flat)
-    buf = pool.buffer
-    pages = pool.physical(pages)  # the buffer rows the kernels and views read
-    dev_pages = pages.to(device)
-    ids = pages.tolist()  # ascending (the allocator's order): a span is consecutive iff its ends are
+def resident_groups(packed: PackedAdapter, buf: torch.Tensor, page_table: torch.Tensor) -> dict[tuple[int, str], ResidentGroup]:
+    ids = page_table.tolist()  # ascending (the allocator's order): a span is consecutive iff its ends are
+    dev_pages = page_table.long()
+    device = page_table.device
 
     def view(span: tuple[int, int], rows: int, width: int) -> torch.Tensor | None:
         first, last = ids[span[0]], ids[span[1] - 1]
@@ -165,13 +224,19 @@ def place(packed: PackedAdapter, pool: PagePool, pages: torch.Tensor, device: to
 
     out = {}
     for key, g in packed.groups.items():
-        slices = []
-        for s in g.slices:
-            slices.append(ResidentSlice(s.name, s.cols, s.r0, s.r1, dev_pages[s.bt_pages[0]:s.bt_pages[1]],
-                                        view(s.bt_pages, s.r1 - s.r0, s.out_features), s.out_features,
-                                        None if s.dora_g is None else s.dora_g.to(device)))
+        slices = [ResidentSlice(s.name, s.cols, s.r0, s.r1, dev_pages[s.bt_pages[0]:s.bt_pages[1]],
+                                view(s.bt_pages, s.r1 - s.r0, s.out_features), s.out_features,
+                                None if s.dora_g is None else s.dora_g.to(device))
+                  for s in g.slices]
         out[key] = ResidentGroup(dev_pages[g.a_pages[0]:g.a_pages[1]], view(g.a_pages, g.rank, g.in_features),
                                  g.in_features, g.rank, slices)
+    return out
+
+
+def place(packed: PackedAdapter, pool: PagePool, pages: torch.Tensor, device: torch.device) -> Resident:
+    """Copy the packed buffer into `pages` of the pool; the kernels' metadata (page table, descriptors)."""
+    pool.write(pages, packed.flat)
+    pages = pool.physical(pages)  # the buffer rows the kernels and views read
     adapted = frozenset(torch.nonzero(packed.desc[:, 1]).flatten().tolist())
-    has_dora = any(s.dora_g is not None for g in packed.groups.values() for s in g.slices)
-    return Resident(out, dev_pages.to(torch.int32), packed.desc.to(device), packed.max_rank, adapted, has_dora)
+    return Resident(pages.to(device=device, dtype=torch.int32), packed.desc.to(device), packed.max_rank, adapted,
+                    packed.dora_g is not None, packed, pool.buffer)
