@@ -134,8 +134,8 @@ torch::Tensor silu_mul(torch::Tensor gate_up) {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
-  mod.def("rms_norm", &rms_norm);
-  mod.def("rotary_", &rotary_);
-  mod.def("silu_mul", &silu_mul);
-  mod.def("silu_mul_available", &silu_mul_available);
+  mod.def("rms_norm", &rms_norm, py::call_guard<py::gil_scoped_release>());
+  mod.def("rotary_", &rotary_, py::call_guard<py::gil_scoped_release>());
+  mod.def("silu_mul", &silu_mul, py::call_guard<py::gil_scoped_release>());
+  mod.def("silu_mul_available", &silu_mul_available, py::call_guard<py::gil_scoped_release>());
 }

@@ -340,7 +340,7 @@ torch::Tensor lora_apply(torch::Tensor y, torch::Tensor x, torch::Tensor pool, t
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
-  mod.def("lora_shrink", &lora_shrink);
-  mod.def("lora_expand", &lora_expand);
-  mod.def("lora_apply", &lora_apply);
+  mod.def("lora_shrink", &lora_shrink, py::call_guard<py::gil_scoped_release>());
+  mod.def("lora_expand", &lora_expand, py::call_guard<py::gil_scoped_release>());
+  mod.def("lora_apply", &lora_apply, py::call_guard<py::gil_scoped_release>());
 }

@@ -229,6 +229,6 @@ void paged_prefill(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
-  mod.def("paged_decode", &paged_decode);
-  mod.def("paged_prefill", &paged_prefill);
+  mod.def("paged_decode", &paged_decode, py::call_guard<py::gil_scoped_release>());
+  mod.def("paged_prefill", &paged_prefill, py::call_guard<py::gil_scoped_release>());
 }

@@ -372,10 +372,10 @@ torch::Tensor int8_dequantize(torch::Tensor q, torch::Tensor s, int64_t G, torch
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
-  mod.def("int4_linear", &int4_linear);
-  mod.def("int8_linear", &int8_linear);
-  mod.def("int4_linear_tiled", &int4_linear_tiled);
-  mod.def("int8_linear_tiled", &int8_linear_tiled);
-  mod.def("int4_dequantize", &int4_dequantize);
-  mod.def("int8_dequantize", &int8_dequantize);
+  mod.def("int4_linear", &int4_linear, py::call_guard<py::gil_scoped_release>());
+  mod.def("int8_linear", &int8_linear, py::call_guard<py::gil_scoped_release>());
+  mod.def("int4_linear_tiled", &int4_linear_tiled, py::call_guard<py::gil_scoped_release>());
+  mod.def("int8_linear_tiled", &int8_linear_tiled, py::call_guard<py::gil_scoped_release>());
+  mod.def("int4_dequantize", &int4_dequantize, py::call_guard<py::gil_scoped_release>());
+  mod.def("int8_dequantize", &int8_dequantize, py::call_guard<py::gil_scoped_release>());
 }
