@@ -1,7 +1,8 @@
 """The C++ CPU kernels release the GIL while they compute (as torch's own ops do): the engine thread's
 matmuls and batched-LoRA calls must not stop the event loop, the adapter loaders and the prefetch thread
 for the length of a kernel. Each check runs one long call (0.1-1 s) in a thread while this thread counts
-how long it went without running Python: holding the GIL would make that gap the whole call."""
+how long it went without running Python: holding the GIL would make that gap the whole call. The shapes
+make each call 50-130 ms on this 2-core VM, so that a core several times faster still gives one > 10 ms."""
 from __future__ import annotations
 
 import threading
@@ -41,9 +42,9 @@ def _longest_gap_during(fn) -> tuple[float, float]:
 def _calls():
     g = torch.Generator().manual_seed(0)
     qgemm = cpu_ext.load("quant_gemm", "quantized matmul")
-    w4 = quantize_int4(torch.randn(2048, 2048, generator=g), 32)
-    w8 = quantize_int8(torch.randn(8192, 4096, generator=g))
-    x_tiled, x_gemv = torch.randn(128, 2048, generator=g), torch.randn(16, 4096, generator=g)
+    w4 = quantize_int4(torch.randn(4096, 4096, generator=g), 32)
+    w8 = quantize_int8(torch.randn(16384, 4096, generator=g))
+    x_tiled, x_gemv = torch.randn(160, 4096, generator=g), torch.randn(16, 4096, generator=g)
     yield "int4_linear_tiled", lambda: [qgemm.int4_linear_tiled(x_tiled, w4.qweight, w4.scales, w4.mins, w4.group_size)
                                         for _ in range(4)]
     yield "int8_linear", lambda: [qgemm.int8_linear(x_gemv, w8.qweight, w8.scales, w8.group_size) for _ in range(10)]
@@ -51,7 +52,7 @@ def _calls():
     big, wt = torch.randn(20000, 2048, generator=g), torch.ones(2048)
     yield "rms_norm", lambda: [ops.rms_norm(big, wt, 1e-5) for _ in range(4)]
     sgmv = cpu_ext.load("lora_sgmv", "batched LoRA (SGMV)")
-    T, K, widths = 2048, 1024, (1024, 512)
+    T, K, widths = 8192, 1024, (1024, 512)
     sc = scen.build([[[64, 64]] for _ in range(8)], K, widths, 256, torch.float32, gen=g)
     x, y = torch.randn(T, K, generator=g), torch.zeros(T, sum(widths))
     s0, sl, ss = scen.segments([t * 8 // T for t in range(T)])
