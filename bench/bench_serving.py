@@ -33,6 +33,7 @@ import math
 import os
 import random
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -420,21 +421,53 @@ def main() -> None:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=120)
     if args.peer:
-        print("\n| round | Tessera / vLLM req/s | tok/s | TTFT p50 | TTFT p99 | TPOT p50 | failed (T / vLLM) |")
-        print("|---:|---:|---:|---:|---:|---:|---|")
-        for rnd in range(args.rounds):
-            t = next(s for r, b, n, s in runs if r == rnd and b == "tessera-grpc")
-            v = next(s for r, b, n, s in runs if r == rnd and b == "openai")
-            q = lambda k: t[k] / v[k] if v[k] else float("nan")  # noqa: E731
-            print(f"| {rnd} | {q('req_s'):.2f}x | {q('tok_s'):.2f}x | {q('ttft_p50'):.2f}x | {q('ttft_p99'):.2f}x | "
-                  f"{q('tpot_p50'):.2f}x | {t['requests'] - t['completed']} / {v['requests'] - v['completed']} |")
+        print("\n| round | adapters | Tessera / vLLM req/s | tok/s | TTFT p50 | TTFT p99 | TPOT p50 | failed (T / vLLM) |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---|")
+        for rnd, n, q, failed in peer_ratios(runs):
+            print(f"| {rnd} | {n} | {q['req_s']:.2f}x | {q['tok_s']:.2f}x | {q['ttft_p50']:.2f}x | {q['ttft_p99']:.2f}x | "
+                  f"{q['tpot_p50']:.2f}x | {failed[0]} / {failed[1]} |")
     if len(counts) > 1 and not args.peer:
+        rows, medians = count_ratios(runs, counts)
         print(f"\n| round | adapters | req/s | vs {counts[0]} | TTFT p99 | vs {counts[0]} | TPOT p50 | failed |")
         print("|---:|---:|---:|---:|---:|---:|---:|---:|")
-        for rnd, _, n, s in runs:
-            b = next(x for r, _, m, x in runs if r == rnd and m == counts[0])
-            print(f"| {rnd} | {n} | {s['req_s']:.2f} | {s['req_s'] / b['req_s']:.3f}x | {s['ttft_p99']:.3f} | "
-                  f"{s['ttft_p99'] / b['ttft_p99']:.2f}x | {s['tpot_p50']:.4f} | {s['requests'] - s['completed']} |")
+        for rnd, n, s, req, ttft in rows:
+            print(f"| {rnd} | {n} | {s['req_s']:.2f} | {req:.3f}x | {s['ttft_p99']:.3f} | {ttft:.2f}x | "
+                  f"{s['tpot_p50']:.4f} | {s['requests'] - s['completed']} |")
+        if args.rounds > 1:
+            print(f"\nmedians over {args.rounds} rounds of the per-round ratios to {counts[0]} adapters:")
+            for n, (req, ttft) in medians.items():
+                print(f"  {n} adapters: req/s {req:.3f}x, TTFT p99 {ttft:.2f}x")
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else float("nan")
+
+
+def peer_ratios(runs: list[tuple[int, str, int, dict]]) -> list[tuple[int, int, dict, tuple[int, int]]]:
+    """Per round and adapter count: Tessera's figures over the peer's (same round, same count), and failures."""
+    out = []
+    for rnd, backend, n, t in runs:
+        if backend != "tessera-grpc":
+            continue
+        v = next((s for r, b, m, s in runs if r == rnd and b == "openai" and m == n), None)
+        if v is not None:
+            out.append((rnd, n, {k: _ratio(t[k], v[k]) for k in ("req_s", "tok_s", "ttft_p50", "ttft_p99", "tpot_p50")},
+                        (t["requests"] - t["completed"], v["requests"] - v["completed"])))
+    return out
+
+
+def count_ratios(runs: list[tuple[int, str, int, dict]], counts: list[int]):
+    """Rows (round, N, summary, req/s ratio, TTFT p99 ratio) against the same round's first count, and per N
+    the medians of those per-round ratios (this machine's speed drifts between rounds: compare within one)."""
+    rows, per_n = [], {}
+    for rnd, _, n, s in runs:
+        b = next(x for r, _, m, x in runs if r == rnd and m == counts[0])
+        req, ttft = _ratio(s["req_s"], b["req_s"]), _ratio(s["ttft_p99"], b["ttft_p99"])
+        rows.append((rnd, n, s, req, ttft))
+        if n != counts[0]:
+            per_n.setdefault(n, []).append((req, ttft))
+    medians = {n: (statistics.median(r for r, _ in v), statistics.median(t for _, t in v)) for n, v in per_n.items()}
+    return rows, medians
 
 
 def warm_all(args, names: list[str]) -> None:
