@@ -45,19 +45,18 @@ def _calls():
     w4 = quantize_int4(torch.randn(4096, 4096, generator=g), 32)
     w8 = quantize_int8(torch.randn(16384, 4096, generator=g))
     x_tiled, x_gemv = torch.randn(160, 4096, generator=g), torch.randn(16, 4096, generator=g)
-    yield "int4_linear_tiled", lambda: [qgemm.int4_linear_tiled(x_tiled, w4.qweight, w4.scales, w4.mins, w4.group_size)
-                                        for _ in range(4)]
-    yield "int8_linear", lambda: [qgemm.int8_linear(x_gemv, w8.qweight, w8.scales, w8.group_size) for _ in range(10)]
+    yield "int4_linear_tiled", 4, lambda: qgemm.int4_linear_tiled(x_tiled, w4.qweight, w4.scales, w4.mins, w4.group_size)
+    yield "int8_linear", 10, lambda: qgemm.int8_linear(x_gemv, w8.qweight, w8.scales, w8.group_size)
     ops = cpu_ext.load("layer_ops", "layer ops")
     big, wt = torch.randn(20000, 2048, generator=g), torch.ones(2048)
-    yield "rms_norm", lambda: [ops.rms_norm(big, wt, 1e-5) for _ in range(4)]
+    yield "rms_norm", 4, lambda: ops.rms_norm(big, wt, 1e-5)
     sgmv = cpu_ext.load("lora_sgmv", "batched LoRA (SGMV)")
     T, K, widths = 8192, 1024, (1024, 512)
     sc = scen.build([[[64, 64]] for _ in range(8)], K, widths, 256, torch.float32, gen=g)
     x, y = torch.randn(T, K, generator=g), torch.zeros(T, sum(widths))
     s0, sl, ss = scen.segments([t * 8 // T for t in range(T)])
-    yield "lora_apply", lambda: [sgmv.lora_apply(y, x, sc.pool, sc.page_table, sc.pt_start, sc.desc, 0, [0, 1024],
-                                                 list(widths), s0, sl, ss, 128) for _ in range(10)]
+    yield "lora_apply", 10, lambda: sgmv.lora_apply(y, x, sc.pool, sc.page_table, sc.pt_start, sc.desc, 0, [0, 1024],
+                                                    list(widths), s0, sl, ss, 128)
 
 
 @pytest.mark.skipif(not all(s == "compiled" for s in cpu_ext.status().values()), reason="CPU kernels not built")
@@ -65,10 +64,11 @@ def test_cpu_kernels_let_other_threads_run():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the kernel on one core, this thread on the other
     try:
-        for name, fn in _calls():
+        for name, reps, call in _calls():
+            fn = lambda: [call() for _ in range(reps)]  # noqa: E731
             fn()  # warm
             took, gap = _longest_gap_during(fn)
-            per_call = took / (10 if name in ("int8_linear", "lora_apply") else 4)
+            per_call = took / reps
             assert per_call > 0.01, f"{name}: {per_call * 1000:.1f} ms per call is too short to tell"
             assert gap < per_call / 2, f"{name} held the GIL: {gap * 1000:.0f} ms without Python, {per_call * 1000:.0f} ms per call"
     finally:

@@ -201,11 +201,17 @@ class Resident:
     per-slice pool views for the torch path, built on first use."""
     page_table: torch.Tensor  # int32 [num_pages] on the device: virtual page -> pool page
     desc: torch.Tensor  # int32 [num Linears, DESC_FIELDS] on the device
-    max_rank: int
     adapted: frozenset[int]  # keys of the Linears this adapter targets
-    has_dora: bool
     packed: PackedAdapter  # its host form: the layout the views follow
     buffer: torch.Tensor  # the pool's [pages, page_size] buffer
+
+    @property
+    def max_rank(self) -> int:
+        return self.packed.max_rank
+
+    @property
+    def has_dora(self) -> bool:
+        return self.packed.dora_g is not None
 
     @functools.cached_property
     def groups(self) -> dict[tuple[int, str], ResidentGroup]:
@@ -238,5 +244,4 @@ def place(packed: PackedAdapter, pool: PagePool, pages: torch.Tensor, device: to
     pool.write(pages, packed.flat)
     pages = pool.physical(pages)  # the buffer rows the kernels and views read
     adapted = frozenset(torch.nonzero(packed.desc[:, 1]).flatten().tolist())
-    return Resident(pages.to(device=device, dtype=torch.int32), packed.desc.to(device), packed.max_rank, adapted,
-                    packed.dora_g is not None, packed, pool.buffer)
+    return Resident(pages.to(device=device, dtype=torch.int32), packed.desc.to(device), adapted, packed, pool.buffer)
