@@ -99,3 +99,25 @@ def test_queue_full_is_refused():
             f.cancel()
 
     asyncio.run(main(smollm2.engine(eng_cfg)))
+
+
+def test_burst_is_bounded_while_it_is_tokenized(llm):
+    """Requests that arrive together all see an empty queue before any of them is tokenized: the bound counts
+    the ones still being admitted, so a burst of 10 on a queue of 2 admits 2 and refuses 8 at once."""
+    async def main():
+        eng = AsyncEngine(llm, max_queue=2)
+        await eng.start()
+        try:
+            return await asyncio.gather(*[
+                _collect(eng, GenerateRequest(prompt=f"Item {i}:", sampling=SamplingParams(max_new_tokens=4,
+                                                                                             ignore_eos=True)))
+                for i in range(10)], return_exceptions=True)
+        finally:
+            await eng.shutdown()
+
+    results = asyncio.run(main())
+    refused = [r for r in results if isinstance(r, QueueFullError)]
+    done = [r for r in results if not isinstance(r, BaseException)]
+    assert len(refused) == 8 and len(done) == 2, results
+    assert all(len(ids) == 4 and last.finish_reason == FinishReason.LENGTH for ids, _, last in done)
+    assert llm.blocks.allocator.num_used == 0

@@ -52,6 +52,7 @@ class AsyncEngine:
         self.max_queue = max_queue if max_queue is not None else engine.cfg.max_queue
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # Sequence | ("abort", id)
         self._num_inbox = 0  # requests handed over but not yet taken by the engine thread
+        self._num_admitting = 0  # requests past the queue check, still loading their adapter or tokenizing (loop)
         self._count_lock = threading.Lock()
         self._streams: dict[str, asyncio.Queue] = {}
         self._wake = threading.Event()
@@ -87,14 +88,16 @@ class AsyncEngine:
                 "quantization": e.quantization}
 
     def num_waiting(self) -> int:
-        """Queued requests, those not yet taken by the engine thread included: the admission check of every
-        request, so it reads two counters and walks nothing (stats() walks every adapter entry)."""
-        return len(self.engine.scheduler.waiting) + self._num_inbox
+        """Queued requests, those still being admitted (adapter load, tokenizing) and those not yet taken by the
+        engine thread included: the admission check of every request, so it reads counters and walks nothing
+        (stats() walks every adapter entry). Counting the admitting ones bounds a burst: requests that arrive
+        together all pass an empty queue's check before any of them is tokenized."""
+        return len(self.engine.scheduler.waiting) + self._num_inbox + self._num_admitting
 
     def stats(self) -> EngineStats:
         s, a, ad = self.engine.scheduler, self.engine.blocks.allocator, self.engine.adapters
         running, waiting = list(s.running), list(s.waiting)  # copies: the engine thread mutates them
-        return EngineStats(num_running=len(running), num_waiting=len(waiting) + self._num_inbox,
+        return EngineStats(num_running=len(running), num_waiting=len(waiting) + self._num_inbox + self._num_admitting,
                            kv_blocks_total=self.engine.kv_max_blocks, kv_blocks_used=a.num_used,
                            kv_usage=a.num_used / max(1, self.engine.kv_max_blocks), num_preemptions=s.num_preemptions,
                            adapters_running=dict(Counter(q.adapter_id for q in running if q.adapter_id)),
@@ -124,7 +127,11 @@ class AsyncEngine:
             raise EngineShutdownError("the engine is shutting down" if self._stopping else "the engine is not started")
         if self.num_waiting() >= self.max_queue:
             raise QueueFullError(f"the waiting queue is full ({self.max_queue} requests): retry later")
-        seq = await self._admit(request)
+        self._num_admitting += 1
+        try:
+            seq = await self._admit(request)
+        finally:
+            self._num_admitting -= 1
         if seq.request_id in self._streams:
             self.engine.discard(seq)
             raise InvalidRequestError(f"request_id {seq.request_id!r} is already running")
