@@ -97,7 +97,7 @@ class AsyncEngine:
     def stats(self) -> EngineStats:
         s, a, ad = self.engine.scheduler, self.engine.blocks.allocator, self.engine.adapters
         running, waiting = list(s.running), list(s.waiting)  # copies: the engine thread mutates them
-        return EngineStats(num_running=len(running), num_waiting=len(waiting) + self._num_inbox + self._num_admitting,
+        return EngineStats(num_running=len(running), num_waiting=self.num_waiting(),
                            kv_blocks_total=self.engine.kv_max_blocks, kv_blocks_used=a.num_used,
                            kv_usage=a.num_used / max(1, self.engine.kv_max_blocks), num_preemptions=s.num_preemptions,
                            adapters_running=dict(Counter(q.adapter_id for q in running if q.adapter_id)),
