@@ -215,3 +215,32 @@ def test_under_tier_pressure_no_running_request_misses_a_step(root):
     assert out == want and checked > 30
     assert engine.adapters.num_evictions > 0  # the pool really was too small for all of them
     assert all(x.refs == 0 and x.pins == 0 and not x.staging for x in engine.adapters.entries.values())
+
+
+def test_debug_log_has_one_line_per_step_with_its_adapters_and_timings(root, caplog):
+    """--log-level DEBUG: each step says what ran (sequences, decodes, tokens, distinct adapters, queue) and where
+    its time went, and the pool's eviction and prefetch counts beside it (bench/RESULTS.md reads these)."""
+    import logging
+    import re
+
+    engine = make_engine(root, prefetch=True, pool_adapters=2)
+    steps = 0
+    with caplog.at_level(logging.DEBUG, logger="tessera.engine.steps"):
+        for r in requests()[:4]:
+            engine.add(engine.make_sequence(r))
+        while engine.has_work():
+            engine.step()
+            steps += 1
+    engine.prefetcher.close()
+    lines = [m for m in caplog.messages if m.startswith("step: ")]
+    assert 0 < len(lines) <= steps
+    pat = re.compile(r"step: (\d+) seqs \((\d+) decode\) (\d+) tokens, (\d+) adapters, (\d+) waiting, (\d+) outputs: "
+                     r"schedule [\d.]+ ms, forward [\d.]+ ms, sample [\d.]+ ms, total [\d.]+ ms; pool \d+ free "
+                     r"pages, (\d+) evictions, (\d+) prefetched")
+    parsed = [tuple(map(int, pat.fullmatch(m).groups())) for m in lines]
+    first = parsed[0]
+    assert first[0] == 2 and first[1] == 0 and first[2] == 6 and first[3] == 2  # max_loras 2: two prefills
+    assert first[4] == 2  # the other two wait
+    assert all(n_adapters <= n_seqs <= 2 and decodes <= n_seqs for n_seqs, decodes, _, n_adapters, *_ in parsed)
+    assert sum(p[5] for p in parsed) == sum(6 + i % 3 for i in range(4))  # an output per token
+    assert parsed[-1][6] >= 2  # a pool of two adapters took four: the first two were evicted
