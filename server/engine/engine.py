@@ -9,6 +9,7 @@ import itertools
 import logging
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -293,40 +294,39 @@ class LLMEngine:
         is rerun in halves (_execute) so that only the sequences that fail on their own end."""
         if not steplog.isEnabledFor(logging.DEBUG):
             return self._step(None)
-        marks = [time.perf_counter()]
-        outputs = self._step(marks)
-        self._log_step(marks, len(outputs))
+        trace = _StepTrace(time.perf_counter())
+        outputs = self._step(trace)
+        if trace.batch is not None and trace.batch.seqs:
+            self._log_step(trace, len(outputs), time.perf_counter())
         return outputs
 
-    def _log_step(self, marks: list, num_outputs: int) -> None:
+    def _log_step(self, tr: "_StepTrace", num_outputs: int, end: float) -> None:
         """--log-level DEBUG: one line per step, what ran and where the time went (bench/RESULTS.md reads these)."""
-        batch = marks[1] if len(marks) > 1 else None
-        if batch is None or not batch.seqs:
-            return
-        t = marks[2:] + [time.perf_counter()] * (3 - len(marks[2:]))
-        adapters = {s.adapter_id for s in batch.seqs if s.adapter_id}
+        b = tr.batch
+        executed = tr.executed or end
         steplog.debug("step: %d seqs (%d decode) %d tokens, %d adapters, %d waiting, %d outputs: schedule %.1f ms, "
                       "forward %.1f ms, sample %.1f ms, total %.1f ms; pool %d free pages, %d evictions, "
-                      "%d prefetched", len(batch.seqs), batch.num_decodes, batch.total_tokens, len(adapters),
-                      len(self.scheduler.waiting), num_outputs, (t[0] - marks[0]) * 1e3, (t[1] - t[0]) * 1e3,
-                      (t[2] - t[1]) * 1e3, (t[2] - marks[0]) * 1e3, self.adapters.pool.num_free,
-                      self.adapters.num_evictions, self.adapters.num_prefetched)
+                      "%d prefetched", len(b.seqs), b.num_decodes, b.total_tokens,
+                      len({s.adapter_id for s in b.seqs if s.adapter_id}), len(self.scheduler.waiting), num_outputs,
+                      (tr.scheduled - tr.start) * 1e3, (executed - tr.scheduled) * 1e3, (end - executed) * 1e3,
+                      (end - tr.start) * 1e3, self.adapters.pool.num_free, self.adapters.num_evictions,
+                      self.adapters.num_prefetched)
 
-    def _step(self, marks: list | None) -> list[RequestOutput]:
+    def _step(self, trace: "_StepTrace | None") -> list[RequestOutput]:
         self._forget_retired_adapters()
         batch = self.scheduler.schedule()
         if self.memory is not None:  # one memory budget: what the cache will not need soon waits in the adapter pool
             self.memory.lend_idle(self._kv_demand())
         if self.prefetcher is not None:
             self.prefetcher.want(self.scheduler.waiting)
-        if marks is not None:
-            marks += [batch, time.perf_counter()]
+        if trace is not None:
+            trace.batch, trace.scheduled = batch, time.perf_counter()
         outputs = [self.fail(seq, msg) for seq, msg in batch.failed]
         if not batch.seqs:
             return outputs
         seqs, logits, failed = self._execute(batch)
-        if marks is not None:
-            marks.append(time.perf_counter())
+        if trace is not None:
+            trace.executed = time.perf_counter()
         outputs += [self.fail(seq, msg) for seq, msg in failed]
         for seq, n in zip(batch.seqs, batch.num_tokens):
             if not seq.finished:
@@ -452,3 +452,12 @@ class LLMEngine:
             time_to_first_token_s=(seq.first_token_time or now) - seq.arrival_time,
             e2e_latency_s=now - seq.arrival_time)
         return RequestOutput(seq.request_id, text, token_ids, logprobs, top, reason, seq.error, stats)
+
+
+@dataclass
+class _StepTrace:
+    """When one step's phases ended (perf_counter seconds), for its DEBUG line."""
+    start: float
+    batch: ScheduledBatch | None = None
+    scheduled: float = 0.0  # scheduled, the memory split and the prefetch list updated
+    executed: float | None = None  # the forward pass done
