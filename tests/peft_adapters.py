@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import functools
 import json
-import shutil
 from pathlib import Path
 
 import torch
 
-from tests.oracle import CACHE, hf_smollm2_dir
+from tests.oracle import CACHE, cache_put, cache_table, hf_smollm2_dir, publish_dir
 
 ADAPTERS = CACHE / "adapters"
 
@@ -73,11 +72,7 @@ def build_peft(name: str, root: Path, spec, randomize) -> Path:
 
     model = get_peft_model(base_model(), spec())
     randomize(model)
-    tmp = root / f".{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tmp.rename(out)
-    return out
+    return publish_dir(out, model.save_pretrained)
 
 
 def build_all(root: Path = ADAPTERS) -> Path:
@@ -91,7 +86,7 @@ def peft_greedy(name: str | None, prompt_ids: tuple[int, ...], max_new_tokens: i
     """PEFT's generate with one adapter alone (None = base), greedy, cached on disk."""
     cache = CACHE / "peft_oracle.json"
     key = f"{name}|{max_new_tokens}|{','.join(map(str, prompt_ids))}"
-    table = json.loads(cache.read_text()) if cache.exists() else {}
+    table = cache_table(cache)
     if key in table:
         return table[key]
     from peft import PeftModel
@@ -103,9 +98,7 @@ def peft_greedy(name: str | None, prompt_ids: tuple[int, ...], max_new_tokens: i
         out = model.generate(input_ids=torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids),
                              dtype=torch.long), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=2)
     ids = out[0, len(prompt_ids):].tolist()
-    table = json.loads(cache.read_text()) if cache.exists() else {}
-    table[key] = ids
-    cache.write_text(json.dumps(table))
+    cache_put(cache, key, ids)
     return ids
 
 

@@ -93,7 +93,7 @@ from pathlib import Path
 
 import torch
 
-from tests.oracle import CACHE, hf_smollm2_dir
+from tests.oracle import CACHE, cache_put, cache_table, hf_smollm2_dir
 from tests.peft_adapters import base_model, build_peft
 
 ADAPTERS = CACHE / "adapters_prompt"
@@ -249,7 +249,7 @@ def peft_greedy(name: str | None, prompt_ids: tuple[int, ...], max_new_tokens: i
     """PEFT's generate with one adapter alone (None = base), greedy, cached on disk. task_id: multitask only."""
     cache = CACHE / "peft_prompt_oracle.json"
     key = f"v{VERSION}|{name}|{task_id}|{max_new_tokens}|{','.join(map(str, prompt_ids))}"
-    table = json.loads(cache.read_text()) if cache.exists() else {}
+    table = cache_table(cache)
     if key in table:
         return table[key]
     model = peft_model(name)
@@ -259,9 +259,5 @@ def peft_greedy(name: str | None, prompt_ids: tuple[int, ...], max_new_tokens: i
                              dtype=torch.long), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=2,
                              **kwargs)
     ids = out[0, len(prompt_ids):].tolist()
-    table = json.loads(cache.read_text()) if cache.exists() else {}
-    table[key] = ids
-    tmp = cache.with_suffix(".tmp")
-    tmp.write_text(json.dumps(table))
-    tmp.replace(cache)
+    cache_put(cache, key, ids)
     return ids
