@@ -6,7 +6,6 @@ adapter equal the base model), scaled so that outputs change but stay language-l
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 
 import torch

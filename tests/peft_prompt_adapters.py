@@ -88,7 +88,6 @@ here is one adapter alone per generate call.
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 
 import torch
