@@ -11,7 +11,8 @@ import torch
 from kernels import lora_cpu
 from tests import lora_scenarios as scen
 
-pytestmark = pytest.mark.skipif(not lora_cpu.available(), reason="the C++ CPU kernels are not built (run ./setup.sh)")
+pytestmark = [pytest.mark.skipif(not lora_cpu.available(), reason="the C++ CPU kernels are not built (run ./setup.sh)"),
+              pytest.mark.usefixtures("cpu_threads")]  # one thread, and the blocks split over two
 SGMV = (lora_cpu.cpu_lora_shrink, lora_cpu.cpu_lora_expand)
 
 

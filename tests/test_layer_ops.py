@@ -9,7 +9,8 @@ import torch
 
 from kernels import layer_ops
 
-pytestmark = pytest.mark.skipif(layer_ops._ext() is None, reason="the C++ CPU kernels are not built (run ./setup.sh)")
+pytestmark = [pytest.mark.skipif(layer_ops._ext() is None, reason="the C++ CPU kernels are not built (run ./setup.sh)"),
+              pytest.mark.usefixtures("cpu_threads")]  # one thread, and the work split over two
 
 
 @pytest.mark.parametrize("T,D", [(1, 576), (7, 64), (33, 40), (130, 576)])

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from kernels import paged_attention as pa
 
-pytestmark = pytest.mark.skipif(pa._ext() is None, reason="the C++ CPU kernels are not built (run ./setup.sh)")
+pytestmark = [pytest.mark.skipif(pa._ext() is None, reason="the C++ CPU kernels are not built (run ./setup.sh)"),
+              pytest.mark.usefixtures("cpu_threads")]  # one thread, and the work split over two
 
 
 def _case(lens, H=9, KVH=3, D=64, bs=16, seed=0):

@@ -47,7 +47,7 @@ def test_ggml_blocks_convert_without_loss(kind, qtype):
 @pytest.mark.skipif(cpu_extension() is None, reason="the C++ CPU kernels are not built (run ./setup.sh)")
 @pytest.mark.parametrize("fmt", ["int4g32", "int4g64", "int4g128", "int8", "int8g32"])
 @pytest.mark.parametrize("rows", [1, 3, 16, 17, 31, 32, 33, 45, 64, 65, 96, 97, 160, 161, 300])
-def test_cpu_kernel_equals_reference(fmt, rows):
+def test_cpu_kernel_equals_reference(fmt, rows, cpu_threads):
     g = torch.Generator().manual_seed(rows)
     w = torch.randn(80, 576, generator=g)
     qw = {"int4g32": lambda: quantize_int4(w, 32), "int4g64": lambda: quantize_int4(w, 64),
