@@ -23,6 +23,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from server import hugepages
+
 
 class PoolFullError(Exception):
     pass
@@ -50,7 +52,7 @@ class PagePool:
         self.page_size = page_size
         self.num_pages = num_pages  # addressable pages (page ids are below this)
         if shared is None:
-            self.buffer = torch.zeros(num_pages, page_size, dtype=dtype, device=device)  # [pages, page_size]
+            self.buffer = hugepages.zeros((num_pages, page_size), dtype, device, "adapter pool")  # [pages, page_size]
             self._runs: list[list[int]] = [[0, num_pages]]  # free runs, sorted, disjoint and never adjacent
             self.capacity = num_pages  # pages granted to the pool
         else:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from server import hugepages
 from server.adapters.batch import LoraBatch, StepAdapters
 from server.adapters.kernel_batch import KernelLoraBatch, sgmv_ops
 from server.adapters.pool import PagePool
@@ -25,8 +26,8 @@ class ModelRunner:
         self.block_size = block_size
         self.device = model.device
         # [layers, K/V, slots, KVH, D]
-        self.kv_cache = torch.zeros(cfg.num_hidden_layers, 2, num_blocks * block_size, cfg.num_key_value_heads,
-                                    cfg.head_dim, dtype=model.dtype, device=model.device)
+        self.kv_cache = hugepages.zeros((cfg.num_hidden_layers, 2, num_blocks * block_size, cfg.num_key_value_heads,
+                                         cfg.head_dim), model.dtype, model.device, "KV cache")
         model.bind_kv_cache(self.kv_cache, block_size)
         self._block_offsets = torch.arange(block_size)
         self.attach_pool(pool)

@@ -1,0 +1,50 @@
+"""The KV cache and the adapter pool are backed by transparent huge pages where Linux offers them
+(server/hugepages.py): checked in /proc/self/smaps, the kernel's own account of this process's memory."""
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from server import hugepages
+from server.adapters.pool import PagePool
+
+needs_thp = pytest.mark.skipif(not sys.platform.startswith("linux") or hugepages.thp_mode() not in ("always", "madvise"),
+                               reason="no transparent huge pages on this system")
+
+
+def huge_kb(t: torch.Tensor) -> int:
+    """AnonHugePages (kB) of the mapping holding the first 2 MB boundary inside t's memory."""
+    addr = -(-t.data_ptr() // hugepages.HUGE) * hugepages.HUGE
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= addr < hi
+            elif inside and line.startswith("AnonHugePages:"):
+                return int(line.split()[1])
+    raise AssertionError("no mapping holds the buffer")
+
+
+def test_zeros_are_zeros_of_the_shape_and_dtype():
+    for dtype in (torch.float32, torch.bfloat16):
+        t = hugepages.zeros((3, 5 << 20), dtype, "cpu")
+        assert t.shape == (3, 5 << 20) and t.dtype == dtype and t.is_contiguous()
+        assert not t.any()
+    assert hugepages.zeros((4,), torch.float32, "cpu").tolist() == [0.0] * 4  # small: plain zeros
+
+
+@needs_thp
+def test_large_buffers_are_backed_by_huge_pages():
+    t = hugepages.zeros((48 << 20,), torch.bfloat16, "cpu")  # 96 MiB
+    assert huge_kb(t) >= 32 << 10  # most of it, in 2 MB pages (the kernel may fall short of all of it)
+
+
+@needs_thp
+def test_the_adapter_pool_buffer_is_backed_by_huge_pages():
+    pool = PagePool(num_pages=(64 << 20) // (192 * 2), page_size=192, dtype=torch.bfloat16, device=torch.device("cpu"))
+    assert pool.buffer.shape == ((64 << 20) // 384, 192) and not pool.buffer.any()
+    assert huge_kb(pool.buffer) >= 16 << 10
