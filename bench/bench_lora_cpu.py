@@ -15,6 +15,7 @@ cache-flushing read.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -53,15 +54,12 @@ def build_step(n: int, scattered: bool, seed: int):
 
 def run_step(calls, x, ys, segs, max_rank):
     for sc, widths, cols in calls:
-        pool, table = getattr(sc, "big", (sc.pool, sc.page_table))
-        lora_cpu.cpu_lora_apply(ys[widths], x, pool, table, sc.pt_start, sc.desc, 0, cols, widths, *segs,
+        lora_cpu.cpu_lora_apply(ys[widths], x, sc.pool, sc.page_table, sc.pt_start, sc.desc, 0, cols, widths, *segs,
                                 max_rank * len(widths))
 
 
 def big_pool_step(calls, gib: float, huge: bool, run: int = 32, seed: int = 2):
     """The calls' pages copied into one pool of `gib` GiB in runs of `run` pages at random places."""
-    import copy
-
     page_bytes = PAGE * 2
     total = int(gib * 2**30) // page_bytes // run * run
     pool = hugepages.zeros((total, PAGE), torch.bfloat16, "cpu") if huge else torch.zeros(total, PAGE, dtype=torch.bfloat16)
@@ -72,9 +70,7 @@ def big_pool_step(calls, gib: float, huge: bool, run: int = 32, seed: int = 2):
         rows = (slots[at:at + k].repeat_interleave(run) * run + torch.arange(run).repeat(k))[:n]
         at += k
         pool[rows] = sc.pool
-        sc2 = copy.copy(sc)
-        sc2.big = (pool, rows[sc.page_table.long()].to(torch.int32))
-        out.append((sc2, widths, cols))
+        out.append((dataclasses.replace(sc, pool=pool, page_table=rows[sc.page_table.long()].to(torch.int32)), widths, cols))
     return out
 
 
