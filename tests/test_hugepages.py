@@ -1,5 +1,7 @@
-"""The KV cache and the adapter pool are backed by transparent huge pages where Linux offers them
-(server/hugepages.py): checked in /proc/self/smaps, the kernel's own account of this process's memory."""
+"""The KV cache and the adapter pool ask for transparent huge pages where Linux offers them
+(server/hugepages.py): checked in /proc/self/smaps, the kernel's own account of this process's memory. The
+request is checked (the mapping's `hg` flag, MADV_HUGEPAGE), not its fulfilment: whether 2 MB pages are
+free to back it depends on the machine's memory at that moment (a fresh-clone CI run got none)."""
 from __future__ import annotations
 
 import sys
@@ -14,8 +16,8 @@ needs_thp = pytest.mark.skipif(not sys.platform.startswith("linux") or hugepages
                                reason="no transparent huge pages on this system")
 
 
-def huge_kb(t: torch.Tensor) -> int:
-    """AnonHugePages (kB) of the mapping holding the first 2 MB boundary inside t's memory."""
+def vm_flags(t: torch.Tensor) -> list[str]:
+    """The VmFlags of the mapping holding the first 2 MB boundary inside t's memory."""
     addr = -(-t.data_ptr() // hugepages.HUGE) * hugepages.HUGE
     inside = False
     with open("/proc/self/smaps") as f:
@@ -24,8 +26,8 @@ def huge_kb(t: torch.Tensor) -> int:
             if "-" in head and not head.endswith(":"):
                 lo, hi = (int(x, 16) for x in head.split("-"))
                 inside = lo <= addr < hi
-            elif inside and line.startswith("AnonHugePages:"):
-                return int(line.split()[1])
+            elif inside and line.startswith("VmFlags:"):
+                return line.split()[1:]
     raise AssertionError("no mapping holds the buffer")
 
 
@@ -40,11 +42,12 @@ def test_zeros_are_zeros_of_the_shape_and_dtype():
 @needs_thp
 def test_large_buffers_are_backed_by_huge_pages():
     t = hugepages.zeros((48 << 20,), torch.bfloat16, "cpu")  # 96 MiB
-    assert huge_kb(t) >= 32 << 10  # most of it, in 2 MB pages (the kernel may fall short of all of it)
+    assert "hg" in vm_flags(t)
+    assert "hg" not in vm_flags(torch.zeros(48 << 20, dtype=torch.bfloat16))  # what torch alone does
 
 
 @needs_thp
 def test_the_adapter_pool_buffer_is_backed_by_huge_pages():
     pool = PagePool(num_pages=(64 << 20) // (192 * 2), page_size=192, dtype=torch.bfloat16, device=torch.device("cpu"))
     assert pool.buffer.shape == ((64 << 20) // 384, 192) and not pool.buffer.any()
-    assert huge_kb(pool.buffer) >= 16 << 10
+    assert "hg" in vm_flags(pool.buffer)

@@ -67,8 +67,11 @@ def test_cpu_kernels_let_other_threads_run():
         for name, reps, call in _calls():
             fn = lambda: [call() for _ in range(reps)]  # noqa: E731
             fn()  # warm
-            took, gap = _longest_gap_during(fn)
-            per_call = took / reps
+            for _ in range(3):  # a kernel that holds the GIL does so every time; another process taking this
+                took, gap = _longest_gap_during(fn)  # thread's core (a busy neighbour worker) does not
+                per_call = took / reps
+                if gap < per_call / 2:
+                    break
             assert per_call > 0.01, f"{name}: {per_call * 1000:.1f} ms per call is too short to tell"
             assert gap < per_call / 2, f"{name} held the GIL: {gap * 1000:.0f} ms without Python, {per_call * 1000:.0f} ms per call"
     finally:
