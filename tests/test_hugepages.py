@@ -47,7 +47,7 @@ def test_zeros_are_zeros_of_the_shape_and_dtype():
 
 
 @needs_thp
-def test_large_buffers_are_backed_by_huge_pages():
+def test_large_buffers_ask_for_huge_pages():
     t = hugepages.zeros((48 << 20,), torch.bfloat16, "cpu")  # 96 MiB
     assert "hg" in vm_flags(t)
     fresh = mmap.mmap(-1, 96 << 20)  # anonymous memory nobody advised
@@ -58,7 +58,7 @@ def test_large_buffers_are_backed_by_huge_pages():
 
 
 @needs_thp
-def test_the_adapter_pool_buffer_is_backed_by_huge_pages():
+def test_the_adapter_pool_buffer_asks_for_huge_pages():
     pool = PagePool(num_pages=(64 << 20) // (192 * 2), page_size=192, dtype=torch.bfloat16, device=torch.device("cpu"))
     assert pool.buffer.shape == ((64 << 20) // 384, 192) and not pool.buffer.any()
     assert "hg" in vm_flags(pool.buffer)
